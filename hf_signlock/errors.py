@@ -1,0 +1,25 @@
+"""Typed errors. Each message names the offending field or input and says how to fix it."""
+
+
+class SignLockError(Exception):
+    """Base class of every error raised by hf_signlock."""
+
+
+class SignLockConfigError(SignLockError, ValueError):
+    """A setting (argument, recipe key, dataclass field) has a bad value."""
+
+
+class TargetNotFoundError(SignLockConfigError):
+    """A target-module pattern matches no module of the model."""
+
+
+class RecipeError(SignLockConfigError):
+    """A YAML recipe cannot be read: unknown keys, wrong types or a missing file."""
+
+
+class DataError(SignLockError, ValueError):
+    """A dataset named by a recipe cannot be found or read."""
+
+
+class NonFiniteLossError(SignLockError, FloatingPointError):
+    """Training produced a NaN or infinite loss."""
