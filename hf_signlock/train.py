@@ -1,0 +1,110 @@
+"""The training job behind ``hf-signlock train``: corpus -> tokenizer -> model -> SignLockTrainer -> HF folder.
+
+Writes to ``output_dir``: the model, its tokenizer and config (a folder ``from_pretrained`` loads), checkpoints,
+and ``signlock_stats.json``. The same code runs under ``accelerate launch`` on several processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator
+from transformers.utils import logging
+
+from .data import DataArguments, build_lm_datasets, load_raw_datasets, train_tokenizer
+from .errors import SignLockConfigError
+from .trainer import SignLockTrainer
+from .training_args import SignLockTrainingArguments
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start from this pretrained model (local folder or Hub id); use with reference_mode='captured'. "
+            "Unset: build `architecture` from scratch."
+        },
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer to use. Unset: the model's, or one trained on the corpus."}
+    )
+    architecture: str = field(
+        default="llama", metadata={"help": "model_type of a from-scratch model (llama, qwen2, mistral, gpt2, ...)."}
+    )
+    hidden_size: int = field(default=128, metadata={"help": "From scratch: width of the model."})
+    num_hidden_layers: int = field(default=4, metadata={"help": "From scratch: number of transformer blocks."})
+    num_attention_heads: int = field(default=4, metadata={"help": "From scratch: attention heads."})
+    num_key_value_heads: int | None = field(default=None, metadata={"help": "From scratch: KV heads (GQA)."})
+    intermediate_size: int | None = field(default=None, metadata={"help": "From scratch: MLP width."})
+    initializer_range: float = field(default=0.02, metadata={"help": "From scratch: init std of the model."})
+
+
+
+def build_model(model_args: ModelArguments, tokenizer, block_size: int):
+    """A pretrained model, or a fresh ``architecture`` sized by ``model_args`` for ``tokenizer``'s vocabulary."""
+    if model_args.model_name_or_path is not None:
+        return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
+    sizes = {
+        "hidden_size": model_args.hidden_size,
+        "num_hidden_layers": model_args.num_hidden_layers,
+        "num_attention_heads": model_args.num_attention_heads,
+        "num_key_value_heads": model_args.num_key_value_heads,
+        "intermediate_size": model_args.intermediate_size,
+    }
+    try:
+        config = AutoConfig.for_model(
+            model_args.architecture,
+            **{k: v for k, v in sizes.items() if v is not None},
+            initializer_range=model_args.initializer_range,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=block_size,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    except ValueError as error:
+        raise SignLockConfigError(f"`architecture`={model_args.architecture!r}: {error}") from None
+    if model_args.architecture == "gpt2":
+        config.n_positions = block_size  # GPT-2 names its context length differently
+    return AutoModelForCausalLM.from_config(config)
+
+
+def check_run_arguments(model_args: ModelArguments, training_args: SignLockTrainingArguments) -> None:
+    if training_args.output_dir is None:
+        raise SignLockConfigError("`output_dir` is not set. Add `output_dir: runs/<name>` to the recipe.")
+    pretrained = model_args.model_name_or_path is not None
+    if pretrained and training_args.reference_mode == "seed" and training_args.init_weights:
+        raise SignLockConfigError(
+            "`model_name_or_path` starts from pretrained weights, but reference_mode='seed' with init_weights=True "
+            "would re-initialise them. Fine-tune with `reference_mode: captured`, or continue a seeded run with "
+            "`init_weights: false`."
+        )
+
+
+def run_training(model_args: ModelArguments, data_args: DataArguments, training_args: SignLockTrainingArguments):
+    """Train, evaluate and save; returns the trainer (its stats are in ``output_dir/signlock_stats.json``)."""
+    check_run_arguments(model_args, training_args)
+    raw = load_raw_datasets(data_args)
+    tokenizer_source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+    if tokenizer_source is not None:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    else:
+        # Deterministic for a given corpus, so every rank of a multi-process run trains the same one.
+        tokenizer = train_tokenizer(raw["train"][data_args.text_column], data_args.tokenizer_vocab_size)
+    with training_args.main_process_first(desc="tokenising"):
+        lm_datasets = build_lm_datasets(raw, tokenizer, data_args)
+    model = build_model(model_args, tokenizer, data_args.block_size)
+    trainer = SignLockTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=lm_datasets["train"],
+        eval_dataset=lm_datasets["validation"],
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    return trainer
