@@ -61,8 +61,13 @@ def _as_flags(values: dict) -> list[str]:
     return flags
 
 
+class _RecipeParser(HfArgumentParser):
+    def error(self, message):  # argparse would print usage and exit; a library raises
+        raise RecipeError(f"{message}. Fix the recipe key or flag (see `hf-signlock train --help`).")
+
+
 def make_parser() -> HfArgumentParser:
-    return HfArgumentParser(ARGUMENT_CLASSES)
+    return _RecipeParser(ARGUMENT_CLASSES)
 
 
 def parse_recipe(config: str | Path | None = None, argv: Sequence[str] = ()):
