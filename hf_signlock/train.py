@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator, set_seed
 from transformers.utils import logging
 
 from .data import DataArguments, build_lm_datasets, load_raw_datasets, train_tokenizer
@@ -96,6 +96,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, training_
         tokenizer = train_tokenizer(raw["train"][data_args.text_column], data_args.tokenizer_vocab_size)
     with training_args.main_process_first(desc="tokenising"):
         lm_datasets = build_lm_datasets(raw, tokenizer, data_args)
+    set_seed(training_args.seed)  # the non-target weights (embeddings, norms) come from torch's global generator
     model = build_model(model_args, tokenizer, data_args.block_size)
     trainer = SignLockTrainer(
         model=model,

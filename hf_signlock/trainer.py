@@ -33,6 +33,7 @@ logger = logging.get_logger(__name__)
 
 STATS_NAME = "signlock_stats.json"
 STATE_NAME = "signlock_state.safetensors"
+_HISTORY_KEYS = ("step", "loss", "drift_loss", "flip_rate", "near_zero_fraction")
 _VERSIONED = ("hf-signlock", "torch", "transformers", "accelerate", "datasets", "tokenizers", "safetensors",
               "huggingface_hub", "numpy")
 
@@ -88,6 +89,13 @@ class SignLockTrainer(Trainer):
             )
         if model is None:
             raise SignLockConfigError("SignLockTrainer needs a `model` (model_init is not supported).")
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and args.world_size == 1:
+            # Without this, every process would train its own copy on its own share of the data, silently.
+            raise SignLockConfigError(
+                f"Launched as {launched} processes, but TrainingArguments set up a single-process run. On a machine "
+                "without GPUs set `use_cpu: true` (gloo data parallelism); otherwise check the accelerate config."
+            )
         seeded = args.reference_mode == "seed"
         if seeded and args.init_weights:
             targets = apply_gap_init(
@@ -241,6 +249,11 @@ class SignLockTrainer(Trainer):
             "flip_tracking_steps": args.flip_tracking_steps,
             "target_modules": [t.name for t in self.reference.targets],
             "global_step": self.state.global_step,
+            "history": [
+                {k: entry[k] for k in _HISTORY_KEYS if k in entry}
+                for entry in self.state.log_history
+                if "loss" in entry
+            ],
             "versions": library_versions(),
         }
         if args.should_save:

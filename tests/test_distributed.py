@@ -1,0 +1,85 @@
+"""Two-process CPU data parallelism (gloo) through `accelerate launch` matches one process with the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+WORDS = "thou art more lovely and more temperate rough winds do shake the darling buds of may".split()
+
+
+def _recipe(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(" ".join(WORDS[(i * k) % len(WORDS)] for k in range(1, 12)) + "\n" for i in range(600)))
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(
+        f"""
+dataset_name: null
+data_files: [{corpus}]
+tokenizer_vocab_size: 300
+block_size: 32
+hidden_size: 32
+num_hidden_layers: 2
+num_attention_heads: 4
+intermediate_size: 64
+max_steps: 8
+learning_rate: 2.0e-2
+logging_steps: 2
+flip_tracking_steps: 2
+drift_lambda: 100.0
+gap: 0.5
+seed: 1
+save_strategy: "no"
+report_to: none
+dataloader_pin_memory: false
+ddp_find_unused_parameters: false
+disable_tqdm: true
+use_cpu: true
+"""
+    )
+    return recipe
+
+
+def _run(command, tmp_path):
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "datasets"), "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_launch_without_cpu_flag_is_refused(tmp_path):
+    """`--multi_gpu` on a machine without GPUs would give two independent single-process runs; it must stop."""
+    recipe = _recipe(tmp_path)
+    recipe.write_text(recipe.read_text().replace("use_cpu: true\n", ""))
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hf_signlock", "train", "--config",
+         str(recipe), "--output_dir", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
+    )
+    assert result.returncode != 0 and "use_cpu: true" in result.stderr
+
+
+def test_two_processes_match_one(tmp_path):
+    recipe = _recipe(tmp_path)
+    single, double = tmp_path / "single", tmp_path / "double"
+    _run([sys.executable, "-m", "hf_signlock", "train", "--config", str(recipe), "--output_dir", str(single),
+          "--per_device_train_batch_size", "8"], tmp_path)
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+          "-m", "hf_signlock", "train", "--config", str(recipe), "--output_dir", str(double),
+          "--per_device_train_batch_size", "4"], tmp_path)
+    one, two = json.loads((single / "signlock_stats.json").read_text()), json.loads((double / "signlock_stats.json").read_text())
+    assert one["global_step"] == two["global_step"] == 8
+    assert one["flips"] > 0  # the comparison is only meaningful if weights flipped
+    # Same global batch, same data order: equal up to the float order of the gradient all-reduce.
+    assert abs(one["flips"] - two["flips"]) <= 2
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
+    assert [h["step"] for h in one["history"]] == [h["step"] for h in two["history"]] == [2, 4, 6, 8]
+    for key in ("loss", "drift_loss"):
+        assert [h[key] for h in two["history"]] == pytest.approx([h[key] for h in one["history"]], rel=1e-5)
