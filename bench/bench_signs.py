@@ -1,0 +1,126 @@
+"""Sign generation speed: regenerate a weight's seeded signs vs copy the weight in bf16, in one run.
+
+For each shape: the median time of `seeded_signs` for the whole tensor (signs per second), of `clone()` and of
+`copy_()` into a preallocated buffer for the same tensor in bf16, and of unpacking 1-bit stored signs (what explicit
+signs would cost to decode). The claim is regenerate / bf16 copy <= 1.0.
+
+    python bench/bench_signs.py [--quick] [--device cuda]   # writes bench/results/signs.{json,md,png}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from hf_signlock import pack_signs, seeded_signs, unpack_signs
+
+SHAPES = [(128, 128), (576, 1536), (1024, 1024), (2048, 5632), (4096, 4096)]
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(2):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure(shape, device: torch.device) -> dict:
+    numel = shape[0] * shape[1]
+    repeats = max(5, min(200, 20_000_000 // numel))
+    weight = torch.randn(shape, device=device).to(torch.bfloat16)
+    buffer = torch.empty_like(weight)
+    packed = pack_signs(seeded_signs(0, "w", numel, device=device))
+    name = "model.layers.0.mlp.up_proj.weight"
+    regenerate = timed(lambda: seeded_signs(0, name, numel, device=device), device, repeats)
+    clone = timed(lambda: weight.clone(), device, repeats)
+    copy = timed(lambda: buffer.copy_(weight), device, repeats)
+    unpack = timed(lambda: unpack_signs(packed, shape), device, repeats)
+    return {
+        "shape": list(shape), "numel": numel, "repeats": repeats,
+        "regenerate_s": regenerate, "bf16_clone_s": clone, "bf16_copy_s": copy, "unpack_1bit_s": unpack,
+        "signs_per_s": numel / regenerate,
+        "ratio_to_bf16_clone": regenerate / clone, "ratio_to_bf16_copy": regenerate / copy,
+        "ratio_to_unpack_1bit": regenerate / unpack,
+    }
+
+
+def plot(results: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    numel = [r["numel"] for r in results]
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    for key, label in [("regenerate_s", "regenerate seeded signs"), ("bf16_clone_s", "bf16 clone"),
+                       ("bf16_copy_s", "bf16 copy_ into buffer"), ("unpack_1bit_s", "unpack 1-bit stored signs")]:
+        axis.plot(numel, [1e3 * r[key] for r in results], marker="o", label=label)
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel("weights in the tensor")
+    axis.set_ylabel("median time (ms)")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="only the three smallest shapes")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    shapes = SHAPES[:3] if args.quick else SHAPES
+    results = [measure(shape, device) for shape in shapes]
+    machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "" if device.type == "cpu" else f"_{device.type}"
+    (out / f"signs{suffix}.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2))
+    rows = ["| shape | weights | regenerate (ms) | bf16 clone (ms) | bf16 copy_ (ms) | ratio to clone | ratio to copy_ "
+            "| Gsigns/s | unpack 1-bit (ms) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        rows.append(
+            f"| {r['shape'][0]}x{r['shape'][1]} | {r['numel']:,} | {1e3 * r['regenerate_s']:.3f} | "
+            f"{1e3 * r['bf16_clone_s']:.3f} | {1e3 * r['bf16_copy_s']:.3f} | {r['ratio_to_bf16_clone']:.2f} | "
+            f"{r['ratio_to_bf16_copy']:.2f} | {r['signs_per_s'] / 1e9:.2f} | {1e3 * r['unpack_1bit_s']:.3f} |"
+        )
+    text = f"# Seeded sign generation vs bf16 copy ({machine['device']}, {machine['cpu']}, {machine['threads']} threads)\n\n"
+    text += "\n".join(rows) + "\n"
+    (out / f"signs{suffix}.md").write_text(text)
+    plot(results, out / f"signs{suffix}.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
