@@ -10,7 +10,9 @@ Algorithm (format version 1; frozen by golden vectors in ``tests/test_signs.py``
 
 Positions are row-major over the parameter as stored (for GPT-2's ``Conv1D`` that is its ``[in, out]`` layout).
 One hash gives 64 signs, any slice is computed without the rest of the tensor, and every operation is integer
-arithmetic, so CPU and GPU agree bit for bit.
+arithmetic, so CPU and GPU agree bit for bit. On the CPU the words are hashed in numpy and expanded by
+``np.unpackbits``; on accelerators torch ops hash them and a 256-row byte table expands them. The tests hold both
+paths to an independent numpy twin.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import sys
 
+import numpy as np
 import torch
 
 from .errors import SignLockConfigError
@@ -84,26 +87,50 @@ def _byte_to_signs(device: torch.device) -> torch.Tensor:
     return table
 
 
+def _seeded_signs_numpy(key: int, first_word: int, offset: int, numel: int) -> torch.Tensor:
+    """CPU path: the same words in numpy (uint64 wraps natively), expanded by ``unpackbits`` in one C pass."""
+    num_words = (offset + numel + 63) // 64
+    z = np.arange(first_word + 1, first_word + 1 + num_words, dtype=np.uint64)
+    z *= np.uint64(_GAMMA)
+    z += np.uint64(key)
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(_MUL1)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(_MUL2)
+    z ^= z >> np.uint64(31)
+    signs = np.unpackbits(z.view(np.uint8), bitorder="little").view(np.int8)  # little-endian words: bit k first
+    signs <<= 1
+    signs -= 1
+    return torch.from_numpy(signs[offset : offset + numel])
+
+
+def _seeded_signs_torch(key: int, first_word: int, offset: int, numel: int, device: torch.device) -> torch.Tensor:
+    """Accelerator path: torch integer ops on the device; each byte of a word gathers its 8 signs from a table."""
+    num_words = (offset + numel + 63) // 64
+    words = _splitmix64_words(key, first_word, num_words, device)
+    byte_index = words.view(torch.uint8).to(torch.int32)
+    signs = _byte_to_signs(device).index_select(0, byte_index).view(torch.int8)
+    return signs[offset : offset + numel]
+
+
 def seeded_signs(seed: int, name: str, numel: int, start: int = 0, device=None) -> torch.Tensor:
     """Reference signs (int8, -1/+1) of flat positions ``start .. start + numel`` of parameter ``name``.
 
     ``name`` is the parameter's name in ``model.named_parameters()``. The result is bit-identical on every device
     and in every process, and any slice equals the same part of the whole tensor's signs.
     """
-    if sys.byteorder != "little":  # the byte-table expansion below reads words as little-endian bytes
+    if sys.byteorder != "little":  # both paths read words as little-endian bytes
         raise RuntimeError("hf_signlock's sign generator needs a little-endian machine.")
     if numel < 0 or start < 0:
         raise ValueError(f"numel and start must be >= 0, got numel={numel}, start={start}.")
     device = torch.device(device) if device is not None else torch.device("cpu")
+    key = sign_key(seed, name)
     if numel == 0:
         return torch.empty(0, dtype=torch.int8, device=device)
     first_word, offset = divmod(start, 64)
-    num_words = (offset + numel + 63) // 64
-    words = _splitmix64_words(sign_key(seed, name), first_word, num_words, device)
-    # Each byte of a word indexes a table row holding its 8 signs: one gather writes 8 signs.
-    byte_index = words.view(torch.uint8).to(torch.int32)
-    signs = _byte_to_signs(device).index_select(0, byte_index).view(torch.int8)
-    return signs[offset : offset + numel]
+    if device.type == "cpu":
+        return _seeded_signs_numpy(key, first_word, offset, numel)
+    return _seeded_signs_torch(key, first_word, offset, numel, device)
 
 
 def template_signs(seed: int, name: str, shape: tuple[int, int], rank: int, device=None) -> torch.Tensor:

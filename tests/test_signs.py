@@ -122,3 +122,13 @@ def test_cuda_matches_cpu_bit_for_bit():
         assert torch.equal(gpu.cpu(), cpu)
     shape = (512, 384)
     assert torch.equal(template_signs(2, "t", shape, 8, device="cuda").cpu(), template_signs(2, "t", shape, 8))
+
+
+@pytest.mark.parametrize(("numel", "start"), [(1, 0), (64, 64), (1000, 13), (100_003, 64 * 77 + 9)])
+def test_accelerator_path_equals_numpy_twin_on_cpu(numel, start):
+    """The torch-ops path (used on GPUs) is run on the CPU here, against the independent twin."""
+    from hf_signlock.signs import _seeded_signs_torch
+
+    first_word, offset = divmod(start, 64)
+    signs = _seeded_signs_torch(sign_key(6, "x.weight"), first_word, offset, numel, torch.device("cpu"))
+    assert np.array_equal(signs.numpy(), numpy_signs(6, "x.weight", numel, start))
