@@ -1,8 +1,8 @@
 """Sign generation speed: regenerate a weight's seeded signs vs copy the weight in bf16, in one run.
 
-For each shape: the median time of `seeded_signs` for the whole tensor (signs per second), of `clone()` and of
-`copy_()` into a preallocated buffer for the same tensor in bf16, and of unpacking 1-bit stored signs (what explicit
-signs would cost to decode). The claim is regenerate / bf16 copy <= 1.0.
+For each shape, median times of: `seeded_sign_bits` (the signs regenerated as packed bits, the form a stored sign
+matrix has), `seeded_signs` (expanded to int8 -1/+1), `clone()` and `copy_()` into a preallocated buffer of the same
+tensor in bf16, and unpacking 1-bit stored signs to int8 (what explicit signs cost to decode).
 
     python bench/bench_signs.py [--quick] [--device cuda]   # writes bench/results/signs.{json,md,png}
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from hf_signlock import pack_signs, seeded_signs, unpack_signs
+from hf_signlock import pack_signs, seeded_sign_bits, seeded_signs, unpack_signs
 
 SHAPES = [(128, 128), (576, 1536), (1024, 1024), (2048, 5632), (4096, 4096)]
 
@@ -58,15 +58,17 @@ def measure(shape, device: torch.device) -> dict:
     packed = pack_signs(seeded_signs(0, "w", numel, device=device))
     name = "model.layers.0.mlp.up_proj.weight"
     regenerate = timed(lambda: seeded_signs(0, name, numel, device=device), device, repeats)
+    bits = timed(lambda: seeded_sign_bits(0, name, numel, device=device), device, repeats)
     clone = timed(lambda: weight.clone(), device, repeats)
     copy = timed(lambda: buffer.copy_(weight), device, repeats)
     unpack = timed(lambda: unpack_signs(packed, shape), device, repeats)
     return {
         "shape": list(shape), "numel": numel, "repeats": repeats,
-        "regenerate_s": regenerate, "bf16_clone_s": clone, "bf16_copy_s": copy, "unpack_1bit_s": unpack,
+        "regenerate_s": regenerate, "regenerate_bits_s": bits, "bf16_clone_s": clone, "bf16_copy_s": copy, "unpack_1bit_s": unpack,
         "signs_per_s": numel / regenerate,
         "ratio_to_bf16_clone": regenerate / clone, "ratio_to_bf16_copy": regenerate / copy,
         "ratio_to_unpack_1bit": regenerate / unpack,
+        "bits_ratio_to_bf16_copy": bits / copy, "bits_ratio_to_bf16_clone": bits / clone,
     }
 
 
@@ -80,7 +82,8 @@ def plot(results: list[dict], path: Path) -> None:
         return
     numel = [r["numel"] for r in results]
     figure, axis = plt.subplots(figsize=(6, 3.5))
-    for key, label in [("regenerate_s", "regenerate seeded signs"), ("bf16_clone_s", "bf16 clone"),
+    for key, label in [("regenerate_bits_s", "regenerate seeded signs (packed bits)"),
+                       ("regenerate_s", "regenerate seeded signs (int8)"), ("bf16_clone_s", "bf16 clone"),
                        ("bf16_copy_s", "bf16 copy_ into buffer"), ("unpack_1bit_s", "unpack 1-bit stored signs")]:
         axis.plot(numel, [1e3 * r[key] for r in results], marker="o", label=label)
     axis.set_xscale("log")
@@ -107,13 +110,15 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if device.type == "cpu" else f"_{device.type}"
     (out / f"signs{suffix}.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2))
-    rows = ["| shape | weights | regenerate (ms) | bf16 clone (ms) | bf16 copy_ (ms) | ratio to clone | ratio to copy_ "
-            "| Gsigns/s | unpack 1-bit (ms) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| shape | weights | bf16 copy_ (ms) | bf16 clone (ms) | bits (ms) | bits / copy_ | bits / clone "
+            "| int8 (ms) | int8 / copy_ | int8 / clone | int8 Gsigns/s | unpack 1-bit to int8 (ms) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         rows.append(
-            f"| {r['shape'][0]}x{r['shape'][1]} | {r['numel']:,} | {1e3 * r['regenerate_s']:.3f} | "
-            f"{1e3 * r['bf16_clone_s']:.3f} | {1e3 * r['bf16_copy_s']:.3f} | {r['ratio_to_bf16_clone']:.2f} | "
-            f"{r['ratio_to_bf16_copy']:.2f} | {r['signs_per_s'] / 1e9:.2f} | {1e3 * r['unpack_1bit_s']:.3f} |"
+            f"| {r['shape'][0]}x{r['shape'][1]} | {r['numel']:,} | {1e3 * r['bf16_copy_s']:.3f} | "
+            f"{1e3 * r['bf16_clone_s']:.3f} | {1e3 * r['regenerate_bits_s']:.3f} | {r['bits_ratio_to_bf16_copy']:.2f} | "
+            f"{r['bits_ratio_to_bf16_clone']:.2f} | {1e3 * r['regenerate_s']:.3f} | {r['ratio_to_bf16_copy']:.2f} | "
+            f"{r['ratio_to_bf16_clone']:.2f} | {r['signs_per_s'] / 1e9:.2f} | {1e3 * r['unpack_1bit_s']:.3f} |"
         )
     text = f"# Seeded sign generation vs bf16 copy ({machine['device']}, {machine['cpu']}, {machine['threads']} threads)\n\n"
     text += "\n".join(rows) + "\n"

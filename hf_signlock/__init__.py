@@ -15,7 +15,7 @@ from .errors import (
 )
 from .gap_init import apply_gap_init, gap_floor, gap_scale
 from .reference import SignReference, pack_signs, unpack_signs
-from .signs import SIGNS_FORMAT_VERSION, reference_signs, seeded_signs, sign_key, template_signs
+from .signs import SIGNS_FORMAT_VERSION, reference_signs, seeded_sign_bits, seeded_signs, sign_key, template_signs
 from .targets import InitDistribution, TargetWeight, find_target_modules, resolve_targets
 from .tracking import FlipTracker, geometric_tail_ratio
 from .trainer import SignLockTrainer
@@ -46,6 +46,7 @@ __all__ = [
     "pack_signs",
     "reference_signs",
     "resolve_targets",
+    "seeded_sign_bits",
     "seeded_signs",
     "sign_key",
     "template_signs",

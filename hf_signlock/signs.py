@@ -10,9 +10,9 @@ Algorithm (format version 1; frozen by golden vectors in ``tests/test_signs.py``
 
 Positions are row-major over the parameter as stored (for GPT-2's ``Conv1D`` that is its ``[in, out]`` layout).
 One hash gives 64 signs, any slice is computed without the rest of the tensor, and every operation is integer
-arithmetic, so CPU and GPU agree bit for bit. On the CPU the words are hashed in numpy and expanded by
-``np.unpackbits``; on accelerators torch ops hash them and a 256-row byte table expands them. The tests hold both
-paths to an independent numpy twin.
+arithmetic, so CPU and GPU agree bit for bit. The words are hashed in numpy on the CPU (less per-op overhead) and
+with torch ops elsewhere; a 256-row byte table expands them into int8 signs. ``seeded_sign_bits`` returns the
+packed bits without the expansion. The tests hold both hash paths to an independent numpy twin.
 """
 
 from __future__ import annotations
@@ -62,8 +62,26 @@ def _logical_rshift(x: torch.Tensor, bits: int) -> torch.Tensor:
     return (x >> bits) & ((1 << (64 - bits)) - 1)
 
 
-def _splitmix64_words(key: int, first_word: int, num_words: int, device) -> torch.Tensor:
+def _splitmix64_words(key: int, first_word: int, num_words: int, device: torch.device) -> torch.Tensor:
     """Words ``first_word .. first_word + num_words`` of the stream, as int64 holding the uint64 bits."""
+    if device.type == "cpu":  # numpy: native uint64 wrap-around and logical shifts, less per-op overhead
+        return _splitmix64_words_numpy(key, first_word, num_words)
+    return _splitmix64_words_torch(key, first_word, num_words, device)
+
+
+def _splitmix64_words_numpy(key: int, first_word: int, num_words: int) -> torch.Tensor:
+    z = np.arange(first_word + 1, first_word + 1 + num_words, dtype=np.uint64)
+    z *= np.uint64(_GAMMA)
+    z += np.uint64(key)
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(_MUL1)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(_MUL2)
+    z ^= z >> np.uint64(31)
+    return torch.from_numpy(z.view(np.int64))
+
+
+def _splitmix64_words_torch(key: int, first_word: int, num_words: int, device: torch.device) -> torch.Tensor:
     z = torch.arange(first_word + 1, first_word + 1 + num_words, dtype=torch.int64, device=device)
     z.mul_(_as_int64(_GAMMA)).add_(_as_int64(key))  # int64 multiply and add wrap modulo 2**64
     z ^= _logical_rshift(z, 30)
@@ -87,30 +105,11 @@ def _byte_to_signs(device: torch.device) -> torch.Tensor:
     return table
 
 
-def _seeded_signs_numpy(key: int, first_word: int, offset: int, numel: int) -> torch.Tensor:
-    """CPU path: the same words in numpy (uint64 wraps natively), expanded by ``unpackbits`` in one C pass."""
-    num_words = (offset + numel + 63) // 64
-    z = np.arange(first_word + 1, first_word + 1 + num_words, dtype=np.uint64)
-    z *= np.uint64(_GAMMA)
-    z += np.uint64(key)
-    z ^= z >> np.uint64(30)
-    z *= np.uint64(_MUL1)
-    z ^= z >> np.uint64(27)
-    z *= np.uint64(_MUL2)
-    z ^= z >> np.uint64(31)
-    signs = np.unpackbits(z.view(np.uint8), bitorder="little").view(np.int8)  # little-endian words: bit k first
-    signs <<= 1
-    signs -= 1
-    return torch.from_numpy(signs[offset : offset + numel])
-
-
-def _seeded_signs_torch(key: int, first_word: int, offset: int, numel: int, device: torch.device) -> torch.Tensor:
-    """Accelerator path: torch integer ops on the device; each byte of a word gathers its 8 signs from a table."""
-    num_words = (offset + numel + 63) // 64
-    words = _splitmix64_words(key, first_word, num_words, device)
-    byte_index = words.view(torch.uint8).to(torch.int32)
-    signs = _byte_to_signs(device).index_select(0, byte_index).view(torch.int8)
-    return signs[offset : offset + numel]
+def _check_range(numel: int, start: int) -> None:
+    if sys.byteorder != "little":  # words are read as little-endian bytes
+        raise RuntimeError("hf_signlock's sign generator needs a little-endian machine.")
+    if numel < 0 or start < 0:
+        raise ValueError(f"numel and start must be >= 0, got numel={numel}, start={start}.")
 
 
 def seeded_signs(seed: int, name: str, numel: int, start: int = 0, device=None) -> torch.Tensor:
@@ -119,18 +118,32 @@ def seeded_signs(seed: int, name: str, numel: int, start: int = 0, device=None) 
     ``name`` is the parameter's name in ``model.named_parameters()``. The result is bit-identical on every device
     and in every process, and any slice equals the same part of the whole tensor's signs.
     """
-    if sys.byteorder != "little":  # both paths read words as little-endian bytes
-        raise RuntimeError("hf_signlock's sign generator needs a little-endian machine.")
-    if numel < 0 or start < 0:
-        raise ValueError(f"numel and start must be >= 0, got numel={numel}, start={start}.")
+    _check_range(numel, start)
     device = torch.device(device) if device is not None else torch.device("cpu")
     key = sign_key(seed, name)
     if numel == 0:
         return torch.empty(0, dtype=torch.int8, device=device)
     first_word, offset = divmod(start, 64)
-    if device.type == "cpu":
-        return _seeded_signs_numpy(key, first_word, offset, numel)
-    return _seeded_signs_torch(key, first_word, offset, numel, device)
+    words = _splitmix64_words(key, first_word, (offset + numel + 63) // 64, device)
+    # Each byte of a word indexes a table row holding its 8 signs: one gather writes 8 signs.
+    signs = _byte_to_signs(device).index_select(0, words.view(torch.uint8).to(torch.int32)).view(torch.int8)
+    return signs[offset : offset + numel]
+
+
+def seeded_sign_bits(seed: int, name: str, numel: int, start: int = 0, device=None) -> torch.Tensor:
+    """The same signs bit-packed (uint8; bit k of byte j is position ``start + 8j + k``, 1 = +1; padding bits 0),
+    i.e. ``pack_signs(seeded_signs(...))`` without the int8 detour. ``start`` must be a multiple of 8."""
+    _check_range(numel, start)
+    if start % 8:
+        raise ValueError(f"seeded_sign_bits needs a byte-aligned start (a multiple of 8), got {start}.")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    first_word, offset = divmod(start, 64)
+    words = _splitmix64_words(sign_key(seed, name), first_word, (offset + numel + 63) // 64, device)
+    bits = words.view(torch.uint8)[offset // 8 : offset // 8 + (numel + 7) // 8]
+    if numel % 8:
+        bits = bits.clone()
+        bits[-1] &= (1 << (numel % 8)) - 1
+    return bits
 
 
 def template_signs(seed: int, name: str, shape: tuple[int, int], rank: int, device=None) -> torch.Tensor:

@@ -120,15 +120,27 @@ def test_cuda_matches_cpu_bit_for_bit():
         cpu = seeded_signs(11, "model.layers.1.mlp.down_proj.weight", 3_000_001, start)
         gpu = seeded_signs(11, "model.layers.1.mlp.down_proj.weight", 3_000_001, start, device="cuda")
         assert torch.equal(gpu.cpu(), cpu)
+    from hf_signlock import seeded_sign_bits
+
+    assert torch.equal(seeded_sign_bits(1, "b", 999_999, 64, device="cuda").cpu(), seeded_sign_bits(1, "b", 999_999, 64))
     shape = (512, 384)
     assert torch.equal(template_signs(2, "t", shape, 8, device="cuda").cpu(), template_signs(2, "t", shape, 8))
 
 
-@pytest.mark.parametrize(("numel", "start"), [(1, 0), (64, 64), (1000, 13), (100_003, 64 * 77 + 9)])
-def test_accelerator_path_equals_numpy_twin_on_cpu(numel, start):
-    """The torch-ops path (used on GPUs) is run on the CPU here, against the independent twin."""
-    from hf_signlock.signs import _seeded_signs_torch
+@pytest.mark.parametrize(("first_word", "num_words"), [(0, 1), (3, 100), (10**9, 1000)])
+def test_accelerator_hash_path_equals_cpu_path(first_word, num_words):
+    """The torch-ops hash (used on GPUs) is run on the CPU here, against the numpy one the CPU uses."""
+    from hf_signlock.signs import _splitmix64_words_numpy, _splitmix64_words_torch
 
-    first_word, offset = divmod(start, 64)
-    signs = _seeded_signs_torch(sign_key(6, "x.weight"), first_word, offset, numel, torch.device("cpu"))
-    assert np.array_equal(signs.numpy(), numpy_signs(6, "x.weight", numel, start))
+    key = sign_key(6, "x.weight")
+    torch_words = _splitmix64_words_torch(key, first_word, num_words, torch.device("cpu"))
+    assert torch.equal(torch_words, _splitmix64_words_numpy(key, first_word, num_words))
+
+
+@pytest.mark.parametrize(("numel", "start"), [(1, 0), (8, 8), (13, 64), (1000, 24), (100_003, 64 * 77 + 8)])
+def test_sign_bits_are_the_packed_signs(numel, start):
+    from hf_signlock import seeded_sign_bits
+
+    assert torch.equal(seeded_sign_bits(4, "b", numel, start), pack_signs(seeded_signs(4, "b", numel, start)))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        seeded_sign_bits(4, "b", numel, start + 3)
