@@ -6,6 +6,9 @@ Four variants, interleaved round-robin so that machine drift hits all of them al
   drift      SignLockTrainer, drift on, tracking effectively off (interval > steps)
   signlock   SignLockTrainer as the quickstart runs it: drift on + tracking at the default interval
 Each run's time is the Trainer's own `train_runtime` for `--steps` optimizer steps (the loop, callbacks included).
+Whole-step timings on a shared 2-core machine scatter by several percent, so the script also times the two added
+pieces in isolation (drift loss forward + backward; one flip-tracking observation) and reports their cost per step
+relative to the plain step: the estimate the noise cannot hide.
 The model is the quickstart's (Llama, 4 x 128, vocab 4096, block 128, batch 16) on random tokens.
 
     python bench/bench_overhead.py            # writes bench/results/overhead.{json,md}
@@ -18,6 +21,7 @@ import json
 import platform
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -63,6 +67,31 @@ def run(variant: str, steps: int, dataset: Dataset, output_dir: str) -> float:
     return trainer.train().metrics["train_runtime"] / steps
 
 
+def component_costs(repeats: int = 30) -> dict:
+    """Median ms of the drift term (forward + backward) and of one flip-tracking observation, in isolation."""
+    from hf_signlock import FlipTracker, SignReference, apply_gap_init, outward_drift
+
+    model = model_factory()
+    targets = apply_gap_init(model, seed=0, gap=1.0)
+    reference = SignReference.from_seed(targets, seed=0)
+    tracker = FlipTracker(reference)
+    tracker.observe(0)
+
+    def drift_step():
+        outward_drift(reference, 1.0).backward()
+
+    def median_ms(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return 1000 * statistics.median(times)
+
+    return {"drift_forward_backward_ms": median_ms(drift_step), "tracking_observe_ms": median_ms(lambda: tracker.observe(1))}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
@@ -83,10 +112,15 @@ def main(argv=None):
                 times[variant].append(run(variant, args.steps, dataset, tmp))
 
     plain = statistics.median(times["plain"])
+    components = component_costs()
+    interval = SignLockTrainingArguments(output_dir="x").flip_tracking_steps
+    added_ms = components["drift_forward_backward_ms"] + components["tracking_observe_ms"] / interval
+    components.update(flip_tracking_steps=interval, added_ms_per_step=added_ms,
+                      added_fraction_of_plain_step=added_ms / (1000 * plain))
     results = {
         "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__},
-        "steps_per_run": args.steps, "rounds": args.rounds, "batch": [BATCH, BLOCK],
+        "steps_per_run": args.steps, "rounds": args.rounds, "batch": [BATCH, BLOCK], "components": components,
         "variants": {
             v: {"median_step_s": statistics.median(t), "step_s": t,
                 "ratio_to_plain": statistics.median(t) / plain}
@@ -99,7 +133,12 @@ def main(argv=None):
     lines = ["| variant | median step (ms) | ratio to plain Trainer |", "|---|---:|---:|"]
     for v, r in results["variants"].items():
         lines.append(f"| {v} | {1000 * r['median_step_s']:.1f} | {r['ratio_to_plain']:.3f} |")
-    table = "\n".join(lines)
+    table = "\n".join(lines) + (
+        f"\n\nIn isolation: drift forward + backward {components['drift_forward_backward_ms']:.2f} ms per step, one "
+        f"tracking observation {components['tracking_observe_ms']:.2f} ms every {interval} steps: "
+        f"{components['added_ms_per_step']:.2f} ms = {100 * components['added_fraction_of_plain_step']:.2f}% of the "
+        "plain step."
+    )
     (out / "overhead.md").write_text(
         f"# Step-time overhead ({args.rounds} rounds x {args.steps} steps, {torch.get_num_threads()} threads)\n\n"
         f"{table}\n"
