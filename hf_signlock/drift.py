@@ -14,28 +14,32 @@ from .reference import SignReference
 
 
 class _MarginHingeSum(torch.autograd.Function):
-    """sum(relu(threshold - s0 * w)) with the gradient of torch.relu (0 at the kink)."""
+    """sum_l sum(relu(threshold_l - s0_l * w_l)) over all targets in one graph node, with torch.relu's gradient
+    (0 at the kink). One node instead of one per tensor: the per-call overhead, not the arithmetic, dominates."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, s0: torch.Tensor, threshold: float) -> torch.Tensor:
-        ctx.save_for_backward(weight, s0)
-        ctx.threshold = threshold
-        return torch.relu(threshold - s0 * weight).sum(dtype=torch.float32)
+    def forward(ctx, thresholds: tuple[float, ...], signs: tuple[torch.Tensor, ...], *weights: torch.Tensor):
+        ctx.save_for_backward(*weights)
+        ctx.thresholds, ctx.signs = thresholds, signs
+        total = torch.zeros((), dtype=torch.float32, device=weights[0].device)
+        for threshold, s0, weight in zip(thresholds, signs, weights):
+            total += (s0 * weight).neg_().add_(threshold).relu_().sum(dtype=torch.float32).to(total.device)
+        return total
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        weight, s0 = ctx.saved_tensors
-        inside = s0 * weight < ctx.threshold
-        grad = torch.where(inside, -s0.to(weight.dtype), 0) * grad_output.to(weight.dtype)
-        return grad, None, None
+        grads = []
+        for threshold, s0, weight in zip(ctx.thresholds, ctx.signs, ctx.saved_tensors):
+            # d/dw relu(t - s0 w) = -s0 inside the margin, else 0; built in int8 (cheap) before one cast.
+            coefficient = (s0 * weight < threshold).to(torch.int8).mul_(s0)
+            grads.append(coefficient.to(weight.dtype).mul_(-grad_output.to(weight.device, weight.dtype)))
+        return (None, None, *grads)
 
 
 def outward_drift(reference: SignReference, margin: float) -> torch.Tensor:
     """R for the targets of ``reference``; ``margin`` is d, in units of each layer's init std."""
-    total = None
-    count = 0
-    for target in reference.targets:
-        hinge = _MarginHingeSum.apply(target.param, reference.signs(target), margin * target.init_std)
-        total = hinge if total is None else total + hinge.to(total.device)
-        count += target.param.numel()
-    return total / count
+    targets = reference.targets
+    thresholds = tuple(margin * t.init_std for t in targets)
+    signs = tuple(reference.signs(t) for t in targets)
+    total = _MarginHingeSum.apply(thresholds, signs, *(t.param for t in targets))
+    return total / sum(t.param.numel() for t in targets)

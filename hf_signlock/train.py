@@ -6,14 +6,17 @@ and ``signlock_stats.json``. The same code runs under ``accelerate launch`` on s
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator, set_seed
 from transformers.utils import logging
 
 from .data import DataArguments, build_lm_datasets, load_raw_datasets, train_tokenizer
 from .errors import SignLockConfigError
-from .trainer import SignLockTrainer
+from .trainer import STATS_NAME, SignLockTrainer
 from .training_args import SignLockTrainingArguments
 
 logger = logging.get_logger(__name__)
@@ -108,4 +111,30 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, training_
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
+    if trainer.is_world_process_zero():
+        write_model_card(training_args.output_dir, model_args.architecture)
     return trainer
+
+
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "trained_model.md"
+
+
+def write_model_card(output_dir: str, architecture: str) -> None:
+    """Render ``model_cards/trained_model.md`` with the run's stats into ``output_dir/README.md``."""
+    if not MODEL_CARD_TEMPLATE.exists():  # an installed wheel has no source checkout beside it
+        logger.info(f"No model card template at {MODEL_CARD_TEMPLATE}; skipping README.md.")
+        return
+    stats = json.loads((Path(output_dir) / STATS_NAME).read_text())
+    name = Path(output_dir).name
+    results = [
+        EvalResult(task_type="text-generation", dataset_type="text", dataset_name="held-out split",
+                   metric_type=metric, metric_name=label, metric_value=stats[key])
+        for metric, label, key in [("perplexity", "Perplexity", "eval_perplexity"), ("flip_rate", "Flip rate", "flip_rate")]
+        if stats[key] is not None
+    ]
+    card_data = ModelCardData(library_name="transformers", tags=["hf-signlock", "sign-lock-in"],
+                              model_name=name, eval_results=results or None)
+    values = {**stats, "versions": ", ".join(f"{k} {v}" for k, v in stats["versions"].items() if v)}
+    card = ModelCard.from_template(card_data, template_path=str(MODEL_CARD_TEMPLATE), model_name=name,
+                                   model_id=name, architecture=architecture, **values)
+    card.save(Path(output_dir) / "README.md")

@@ -105,6 +105,12 @@ class SignLockTrainer(Trainer):
         else:
             targets = resolve_targets(model, args.target_modules, init_std=args.init_std)
         super().__init__(model=model, args=args, **kwargs)
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            # Sharded parameters need the drift and the tracking on local shards; not built yet.
+            raise SignLockConfigError(
+                "SignLockTrainer supports one process and DDP (recipes/accelerate/multi_gpu.yaml); FSDP and "
+                "DeepSpeed shard the weights and are not supported yet. Launch with the DDP config."
+            )
         if seeded:
             self.reference = SignReference.from_seed(targets, args.sign_seed, args.sign_source, args.template_rank)
         else:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from huggingface_hub import ModelCard
 
 pytestmark = pytest.mark.slow
 
@@ -76,6 +77,9 @@ def test_two_processes_match_one(tmp_path):
           "--per_device_train_batch_size", "4"], tmp_path)
     one, two = json.loads((single / "signlock_stats.json").read_text()), json.loads((double / "signlock_stats.json").read_text())
     assert one["global_step"] == two["global_step"] == 8
+    card = ModelCard.load(single / "README.md")  # the run's model card carries its measured figures
+    metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert metrics == {"perplexity": one["eval_perplexity"], "flip_rate": one["flip_rate"]}
     assert one["flips"] > 0  # the comparison is only meaningful if weights flipped
     # Same global batch, same data order: equal up to the float order of the gradient all-reduce.
     assert abs(one["flips"] - two["flips"]) <= 2
