@@ -1,12 +1,14 @@
-"""Independent twin of ``hf_signlock.seeded_signs`` in pure numpy (uint64 arithmetic, logical shifts).
+"""Independent reference implementations the tests hold the package to.
 
-It shares no code with the torch path: it re-derives the key and the SplitMix64 stream from the documented
-algorithm, and extracts bits with shifts instead of the byte table.
+``numpy_signs`` is a twin of ``hf_signlock.seeded_signs`` in pure numpy (uint64 arithmetic, logical shifts): it
+re-derives the key and the SplitMix64 stream from the documented algorithm and extracts bits with shifts instead of
+the byte table. ``plain_outward_drift`` is the regulariser's defining formula in plain torch ops.
 """
 
 import hashlib
 
 import numpy as np
+import torch
 
 
 def numpy_key(seed: int, name: str) -> np.uint64:
@@ -24,3 +26,13 @@ def numpy_signs(seed: int, name: str, numel: int, start: int = 0) -> np.ndarray:
         z = z ^ (z >> np.uint64(31))
     bits = (z >> (positions % np.uint64(64))) & np.uint64(1)
     return (bits.astype(np.int8) * 2 - 1).astype(np.int8)
+
+
+def plain_outward_drift(targets, seed: int, margin: float) -> torch.Tensor:
+    """R = mean over all target weights of relu(margin * sigma_l - s0 * w), differentiable by plain autograd."""
+    total = sum(t.param.numel() for t in targets)
+    return sum(
+        torch.relu(margin * t.init_std - torch.from_numpy(numpy_signs(seed, t.name, t.param.numel())).view(t.param.shape)
+                   * t.param).sum()
+        for t in targets
+    ) / total

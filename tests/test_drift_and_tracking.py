@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from hf_signlock import FlipTracker, SignReference, apply_gap_init, geometric_tail_ratio, outward_drift, seeded_signs
+from hf_signlock import FlipTracker, SignReference, apply_gap_init, geometric_tail_ratio, outward_drift
+from reference_signs import plain_outward_drift
 
 
 @pytest.fixture
@@ -28,10 +29,7 @@ def test_drift_value_and_gradient_equal_the_formula(seeded_model):
     value = outward_drift(reference, margin)
     grads = torch.autograd.grad(value, params)
     n = sum(p.numel() for p in params)
-    plain = sum(
-        torch.relu(margin * t.init_std - seeded_signs(8, t.name, t.param.numel()).view(t.param.shape) * t.param).sum()
-        for t in targets
-    ) / n
+    plain = plain_outward_drift(targets, seed=8, margin=margin)
     plain_grads = torch.autograd.grad(plain, params)
     assert value.item() == pytest.approx(plain.item(), rel=1e-6)
     for g, expected, t in zip(grads, plain_grads, targets):

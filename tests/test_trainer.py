@@ -9,12 +9,14 @@ from transformers import AutoModelForCausalLM, LlamaConfig, TrainerCallback
 
 from hf_signlock import (
     NonFiniteLossError,
+    apply_gap_init,
     SignLockConfigError,
     SignLockTrainer,
     SignLockTrainingArguments,
     TargetNotFoundError,
     seeded_signs,
 )
+from reference_signs import plain_outward_drift
 
 VOCAB, LENGTH = 64, 16
 
@@ -110,15 +112,10 @@ def test_drift_gradient_is_lambda_grad_r(tmp_path, dataset, accumulation):
     _, without = _first_step_grads(tmp_path, dataset, 0.0, accumulation)
     # grad R from the defining formula, at the step-0 weights (identical in both runs: same seed, same init).
     model = tiny_model()
-    from hf_signlock import apply_gap_init
-
     targets = apply_gap_init(model, trainer.args.sign_seed, trainer.args.gap)
     params = [t.param for t in targets]
     total = sum(p.numel() for p in params)
-    r = sum(
-        torch.relu(margin * t.init_std - seeded_signs(3, t.name, t.param.numel()).view(t.param.shape) * t.param).sum()
-        for t in targets
-    ) / total
+    r = plain_outward_drift(targets, seed=3, margin=margin)
     grad_r = torch.autograd.grad(r, params)
     for target, g in zip(targets, grad_r):
         difference = with_drift[target.name] - without[target.name]
