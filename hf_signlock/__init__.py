@@ -24,12 +24,12 @@ from .training_args import SignLockTrainingArguments
 __version__ = "0.1.0"
 
 __all__ = [
+    "SIGNS_FORMAT_VERSION",
     "DataError",
     "FlipTracker",
     "InitDistribution",
     "NonFiniteLossError",
     "RecipeError",
-    "SIGNS_FORMAT_VERSION",
     "SignLockConfigError",
     "SignLockError",
     "SignLockTrainer",

@@ -13,9 +13,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import datasets
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

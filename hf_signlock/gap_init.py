@@ -14,7 +14,7 @@ from (seed, name): reproducible, but only the signs are a format guarantee.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

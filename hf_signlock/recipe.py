@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import yaml
 from transformers import HfArgumentParser
@@ -18,7 +18,6 @@ from .data import DataArguments
 from .errors import RecipeError
 from .train import ModelArguments
 from .training_args import SignLockTrainingArguments
-
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, SignLockTrainingArguments)
 

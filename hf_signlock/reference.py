@@ -7,7 +7,7 @@ of (seed, name, position). Captured references are saved bit-packed (1 bit per w
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -10,19 +10,22 @@ Algorithm (format version 1; frozen by golden vectors in ``tests/test_signs.py``
 
 Positions are row-major over the parameter as stored (for GPT-2's ``Conv1D`` that is its ``[in, out]`` layout).
 One hash gives 64 signs, any slice is computed without the rest of the tensor, and every operation is integer
-arithmetic, so CPU and GPU agree bit for bit. The words are hashed in numpy on the CPU (less per-op overhead) and
-with torch ops elsewhere; a 256-row byte table expands them into int8 signs. ``seeded_sign_bits`` returns the
-packed bits without the expansion. The tests hold both hash paths to an independent numpy twin.
+arithmetic, so CPU and GPU agree bit for bit. On the CPU a fused numba kernel (``sign_kernel.py``) hashes and
+expands in one pass; without numba, and on other devices, the words are hashed with numpy or torch ops and a
+256-row byte table expands them into int8 signs. ``seeded_sign_bits`` returns the packed bits without the
+expansion. The tests hold every path to an independent numpy twin.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 
 import numpy as np
 import torch
 
+from . import sign_kernel
 from .errors import SignLockConfigError
 
 SIGNS_FORMAT_VERSION = 1
@@ -92,6 +95,11 @@ def _splitmix64_words_torch(key: int, first_word: int, num_words: int, device: t
     return z
 
 
+def _use_kernel() -> bool:
+    # HF_SIGNLOCK_SIGN_KERNEL=0 forces the plain numpy path (the tests compare the two).
+    return os.environ.get("HF_SIGNLOCK_SIGN_KERNEL", "1") != "0" and sign_kernel.available()
+
+
 _BYTE_TO_SIGNS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -124,7 +132,11 @@ def seeded_signs(seed: int, name: str, numel: int, start: int = 0, device=None) 
     if numel == 0:
         return torch.empty(0, dtype=torch.int8, device=device)
     first_word, offset = divmod(start, 64)
-    words = _splitmix64_words(key, first_word, (offset + numel + 63) // 64, device)
+    num_words = (offset + numel + 63) // 64
+    if device.type == "cpu" and _use_kernel():
+        signs = sign_kernel.seeded_sign_words(key, first_word, num_words, _byte_to_signs(device).numpy())
+        return torch.from_numpy(signs[offset : offset + numel])
+    words = _splitmix64_words(key, first_word, num_words, device)
     # Each byte of a word indexes a table row holding its 8 signs: one gather writes 8 signs.
     signs = _byte_to_signs(device).index_select(0, words.view(torch.uint8).to(torch.int32)).view(torch.int8)
     return signs[offset : offset + numel]

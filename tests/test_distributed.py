@@ -10,7 +10,7 @@ from huggingface_hub import ModelCard
 
 pytestmark = pytest.mark.slow
 
-WORDS = "thou art more lovely and more temperate rough winds do shake the darling buds of may".split()
+WORDS = ["thou", "art", "more", "lovely", "and", "more", "temperate", "rough", "winds", "do", "shake", "the", "darling", "buds", "of", "may"]
 
 
 def _recipe(tmp_path):

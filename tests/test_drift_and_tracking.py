@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from reference_signs import plain_outward_drift
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hf_signlock import FlipTracker, SignReference, apply_gap_init, geometric_tail_ratio, outward_drift
-from reference_signs import plain_outward_drift
 
 
 @pytest.fixture

@@ -6,11 +6,19 @@ import sys
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from hf_signlock import SignLockConfigError, pack_signs, seeded_signs, sign_key, template_signs, unpack_signs
 from reference_signs import numpy_signs
+
+from hf_signlock import (
+    SignLockConfigError,
+    pack_signs,
+    seeded_signs,
+    sign_kernel,
+    sign_key,
+    template_signs,
+    unpack_signs,
+)
 
 # (seed, name, start) -> (key, first 64 signs). Frozen: a change here is a new format version, never an edit.
 GOLDEN = {
@@ -38,15 +46,25 @@ def test_golden_vectors(case, expected):
     assert as_text(torch.from_numpy(numpy_signs(seed, name, 64, start))) == signs
 
 
-@settings(max_examples=60, deadline=None)
+@pytest.mark.parametrize("kernel", ["1", "0"], ids=["fused-kernel", "numpy-table"])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     seed=st.integers(-(2**70), 2**70),
     name=st.text(min_size=1, max_size=40),
     numel=st.integers(0, 5000),
     start=st.integers(0, 10**12),
 )
-def test_torch_path_equals_numpy_twin(seed, name, numel, start):
+def test_cpu_paths_equal_numpy_twin(monkeypatch, kernel, seed, name, numel, start):
+    monkeypatch.setenv("HF_SIGNLOCK_SIGN_KERNEL", kernel)
+    assert sign_kernel.available()  # numba is a dependency: the fused path must be the one tested here
     assert np.array_equal(seeded_signs(seed, name, numel, start).numpy(), numpy_signs(seed, name, numel, start))
+
+
+def test_fused_kernel_equals_table_path_on_large_unaligned_tensors(monkeypatch):
+    args = (11, "model.layers.1.mlp.down_proj.weight", 3_000_001, 12_345)
+    fused = seeded_signs(*args)
+    monkeypatch.setenv("HF_SIGNLOCK_SIGN_KERNEL", "0")
+    assert torch.equal(fused, seeded_signs(*args))
 
 
 @settings(max_examples=40, deadline=None)

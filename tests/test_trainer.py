@@ -5,18 +5,18 @@ import json
 import pytest
 import torch
 from datasets import Dataset
+from reference_signs import plain_outward_drift
 from transformers import AutoModelForCausalLM, LlamaConfig, TrainerCallback
 
 from hf_signlock import (
     NonFiniteLossError,
-    apply_gap_init,
     SignLockConfigError,
     SignLockTrainer,
     SignLockTrainingArguments,
     TargetNotFoundError,
+    apply_gap_init,
     seeded_signs,
 )
-from reference_signs import plain_outward_drift
 
 VOCAB, LENGTH = 64, 16
 
