@@ -52,7 +52,7 @@ def cpu_name() -> str:
 
 def measure(shape, device: torch.device) -> dict:
     numel = shape[0] * shape[1]
-    repeats = max(5, min(200, 20_000_000 // numel))
+    repeats = max(20, min(500, 100_000_000 // numel))
     weight = torch.randn(shape, device=device).to(torch.bfloat16)
     buffer = torch.empty_like(weight)
     packed = pack_signs(seeded_signs(0, "w", numel, device=device))
@@ -70,6 +70,33 @@ def measure(shape, device: torch.device) -> dict:
         "ratio_to_unpack_1bit": regenerate / unpack,
         "bits_ratio_to_bf16_copy": bits / copy, "bits_ratio_to_bf16_clone": bits / clone,
     }
+
+
+def quickstart_shapes() -> list[tuple[str, tuple[int, int]]]:
+    """The 28 target weights of recipes/quickstart.yaml (Llama, 4 layers, hidden 128, MLP 352, 4 KV heads of 32)."""
+    shapes = {"q_proj": (128, 128), "k_proj": (128, 128), "v_proj": (128, 128), "o_proj": (128, 128),
+              "gate_proj": (352, 128), "up_proj": (352, 128), "down_proj": (128, 352)}
+    return [(f"model.layers.{i}.{'self_attn' if n.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}"
+             f".{n}.weight", shape) for i in range(4) for n, shape in shapes.items()]
+
+
+def measure_model(device: torch.device) -> dict:
+    """Every target of a small model, one tensor at a time on both sides: what loading it costs."""
+    named = quickstart_shapes()
+    weights = [torch.randn(shape, device=device).to(torch.bfloat16) for _, shape in named]
+    buffers = [torch.empty_like(w) for w in weights]
+
+    def regenerate():
+        for name, shape in named:
+            seeded_signs(0, name, shape[0] * shape[1], device=device)
+
+    def copy():
+        for buffer, weight in zip(buffers, weights):
+            buffer.copy_(weight)
+
+    regenerate_s, copy_s = timed(regenerate, device, 50), timed(copy, device, 50)
+    return {"tensors": len(named), "numel": sum(w.numel() for w in weights), "regenerate_s": regenerate_s,
+            "bf16_copy_s": copy_s, "ratio_to_bf16_copy": regenerate_s / copy_s}
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -104,12 +131,13 @@ def main(argv=None):
     device = torch.device(args.device)
     shapes = SHAPES[:3] if args.quick else SHAPES
     results = [measure(shape, device) for shape in shapes]
+    model = measure_model(device)
     machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if device.type == "cpu" else f"_{device.type}"
-    (out / f"signs{suffix}.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2))
+    (out / f"signs{suffix}.json").write_text(json.dumps({"machine": machine, "results": results, "quickstart_model": model}, indent=2))
     rows = ["| shape | weights | bf16 copy_ (ms) | bf16 clone (ms) | bits (ms) | bits / copy_ | bits / clone "
             "| int8 (ms) | int8 / copy_ | int8 / clone | int8 Gsigns/s | unpack 1-bit to int8 (ms) |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -122,6 +150,10 @@ def main(argv=None):
         )
     text = f"# Seeded sign generation vs bf16 copy ({machine['device']}, {machine['cpu']}, {machine['threads']} threads)\n\n"
     text += "\n".join(rows) + "\n"
+    text += (f"\nWhole quickstart model, {model['tensors']} target tensors ({model['numel']:,} weights), one call per "
+             f"tensor on both sides: regenerate int8 signs {1e3 * model['regenerate_s']:.3f} ms, bf16 copy_ "
+             f"{1e3 * model['bf16_copy_s']:.3f} ms, ratio {model['ratio_to_bf16_copy']:.2f} (per-call overhead "
+             "bound at this size).\n")
     (out / f"signs{suffix}.md").write_text(text)
     plot(results, out / f"signs{suffix}.png")
     print(text)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .reference import SignReference
+from .sharding import local_part
 
 
 class _MarginHingeSum(torch.autograd.Function):
@@ -37,9 +38,14 @@ class _MarginHingeSum(torch.autograd.Function):
 
 
 def outward_drift(reference: SignReference, margin: float) -> torch.Tensor:
-    """R for the targets of ``reference``; ``margin`` is d, in units of each layer's init std."""
+    """R for the targets of ``reference``; ``margin`` is d, in units of each layer's init std.
+
+    Under FSDP each process gets the share of R from the rows it holds (they sum to R over the processes), and
+    its gradient lands on those rows directly, exact without any averaging.
+    """
     targets = reference.targets
+    parts = [local_part(t.name, t.param) for t in targets]
     thresholds = tuple(margin * t.init_std for t in targets)
-    signs = tuple(reference.signs(t) for t in targets)
-    total = _MarginHingeSum.apply(thresholds, signs, *(t.param for t in targets))
+    signs = tuple(reference.signs(t, part) for t, part in zip(targets, parts))
+    total = _MarginHingeSum.apply(thresholds, signs, *(part.tensor for part in parts))
     return total / sum(t.param.numel() for t in targets)

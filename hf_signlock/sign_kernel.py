@@ -22,9 +22,11 @@ def _compile():
     import numba
 
     gamma, mul1, mul2 = (np.uint64(c) for c in (_format._GAMMA, _format._MUL1, _format._MUL2))
+    # Byte -> its 8 signs (bit k -> int8 sign k) packed in one int64; a global, so numba freezes it into the code.
+    table = _format._byte_to_signs(_format.torch.device("cpu")).numpy().copy()
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def fill_signs(key, first_word, out, table):  # out: int64[8 * num_words], each int64 = 8 int8 signs
+    def fill_signs(key, first_word, out):  # out: int64[8 * num_words], each int64 = 8 int8 signs
         for j in numba.prange(out.shape[0] // 8):
             z = key + np.uint64(first_word + j + 1) * gamma
             z = (z ^ (z >> np.uint64(30))) * mul1
@@ -45,11 +47,11 @@ def available() -> bool:
     return True
 
 
-def seeded_sign_words(key: int, first_word: int, num_words: int, byte_table: np.ndarray) -> np.ndarray:
+def seeded_sign_words(key: int, first_word: int, num_words: int) -> np.ndarray:
     """int8 signs of words ``first_word .. first_word + num_words`` (64 per word) of the stream keyed ``key``."""
     global _kernel
     if _kernel is None:
         _kernel = _compile()
     out = np.empty(8 * num_words, dtype=np.int64)
-    _kernel(np.uint64(key), first_word, out, byte_table)
+    _kernel(np.uint64(key), first_word, out)
     return out.view(np.int8)

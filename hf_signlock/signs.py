@@ -18,6 +18,7 @@ expansion. The tests hold every path to an independent numpy twin.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sys
@@ -53,7 +54,11 @@ def check_seed(seed) -> int:
 
 def sign_key(seed: int, name: str) -> int:
     """The 64-bit generator key of parameter ``name`` under ``seed`` (unsigned)."""
-    seed = check_seed(seed)
+    return _sign_key(check_seed(seed), name)
+
+
+@functools.lru_cache(maxsize=4096)  # the same few hundred names are asked for again and again
+def _sign_key(seed: int, name: str) -> int:
     digest = hashlib.blake2b(
         _KEY_DOMAIN + str(seed).encode() + b"\x00" + name.encode("utf-8"), digest_size=8
     ).digest()
@@ -95,9 +100,12 @@ def _splitmix64_words_torch(key: int, first_word: int, num_words: int, device: t
     return z
 
 
+# HF_SIGNLOCK_SIGN_KERNEL=0 (read at import) forces the table path on the CPU; the tests compare the two.
+USE_SIGN_KERNEL = os.environ.get("HF_SIGNLOCK_SIGN_KERNEL", "1") != "0"
+
+
 def _use_kernel() -> bool:
-    # HF_SIGNLOCK_SIGN_KERNEL=0 forces the plain numpy path (the tests compare the two).
-    return os.environ.get("HF_SIGNLOCK_SIGN_KERNEL", "1") != "0" and sign_kernel.available()
+    return USE_SIGN_KERNEL and sign_kernel.available()
 
 
 _BYTE_TO_SIGNS: dict[torch.device, torch.Tensor] = {}
@@ -134,8 +142,8 @@ def seeded_signs(seed: int, name: str, numel: int, start: int = 0, device=None) 
     first_word, offset = divmod(start, 64)
     num_words = (offset + numel + 63) // 64
     if device.type == "cpu" and _use_kernel():
-        signs = sign_kernel.seeded_sign_words(key, first_word, num_words, _byte_to_signs(device).numpy())
-        return torch.from_numpy(signs[offset : offset + numel])
+        signs = torch.from_numpy(sign_kernel.seeded_sign_words(key, first_word, num_words))
+        return signs if offset == 0 and numel == signs.numel() else signs[offset : offset + numel]
     words = _splitmix64_words(key, first_word, num_words, device)
     # Each byte of a word indexes a table row holding its 8 signs: one gather writes 8 signs.
     signs = _byte_to_signs(device).index_select(0, words.view(torch.uint8).to(torch.int32)).view(torch.int8)

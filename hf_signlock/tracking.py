@@ -12,6 +12,7 @@ import math
 import torch
 
 from .reference import SignReference
+from .sharding import DTensor, LocalPart, all_reduce_sum, local_part
 
 _MAX_COUNT = 255
 
@@ -42,6 +43,7 @@ class FlipTracker:
         self.reference = reference
         self.near_zero_band = near_zero_band
         self.num_weights = sum(t.param.numel() for t in reference.targets)
+        self.sharded = False
         self.agree: dict[str, torch.Tensor] = {}
         self.crossings: dict[str, torch.Tensor] = {}
         self.last_step: int | None = None
@@ -50,19 +52,23 @@ class FlipTracker:
     @torch.no_grad()
     def observe(self, step: int) -> dict[str, float]:
         """Record one observation; returns ``flip_rate``, ``flips`` and ``near_zero_fraction`` now."""
-        flips = near_zero = 0
+        counts = None
         for target in self.reference.targets:
-            weight = target.param.detach()
-            agree = self.reference.signs(target) * weight > 0
-            flips += agree.numel() - int(agree.sum())
-            near_zero += int((weight.abs() < self.near_zero_band * target.init_std).sum())
-            previous = self.agree.get(target.name)
+            part = local_part(target.name, target.param)
+            self.sharded = part.sharded
+            weight = part.tensor.detach()
+            agree = self.reference.signs(target, part) * weight > 0
+            near_zero = (weight.abs() < self.near_zero_band * target.init_std).sum()
+            found = torch.stack([agree.numel() - agree.sum(), near_zero])
+            counts = found if counts is None else counts + found
+            previous = self._local_state(target.name, part)
             if previous is None:
                 self.crossings[target.name] = torch.zeros_like(agree, dtype=torch.uint8)
             else:
-                counts = self.crossings[target.name]
-                counts += (agree != previous) & (counts < _MAX_COUNT)
+                crossings = self.crossings[target.name]
+                crossings += (agree != previous) & (crossings < _MAX_COUNT)
             self.agree[target.name] = agree
+        flips, near_zero = self._sum_over_shards(counts).tolist()
         self.last_step = step
         self.last = {
             "flip_rate": flips / self.num_weights,
@@ -71,12 +77,27 @@ class FlipTracker:
         }
         return self.last
 
+    def _local_state(self, name: str, part: LocalPart) -> torch.Tensor | None:
+        """The previous agreement of the local part; a whole-tensor state (restored from a checkpoint before the
+        model was sharded) is cut down to this process's rows first."""
+        previous = self.agree.get(name)
+        local = part.tensor
+        if previous is not None and previous.shape != local.shape:
+            rows = slice(part.start, part.start + local.numel())
+            previous = self.agree[name] = previous.reshape(-1)[rows].view(local.shape).clone()
+            self.crossings[name] = self.crossings[name].reshape(-1)[rows].view(local.shape).clone()
+        return previous
+
+    def _sum_over_shards(self, values: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(values) if self.sharded else values
+
     def crossing_histogram(self) -> list[int]:
         """``histogram[k]`` = number of target weights that crossed k times."""
-        total = torch.zeros(_MAX_COUNT + 1, dtype=torch.int64)
+        device = next(iter(self.crossings.values())).device if self.crossings else "cpu"
+        total = torch.zeros(_MAX_COUNT + 1, dtype=torch.int64, device=device)
         for counts in self.crossings.values():
-            total += torch.bincount(counts.reshape(-1).long().cpu(), minlength=_MAX_COUNT + 1)
-        histogram = total.tolist()
+            total += torch.bincount(counts.reshape(-1).long(), minlength=_MAX_COUNT + 1)
+        histogram = self._sum_over_shards(total).tolist()
         while len(histogram) > 1 and histogram[-1] == 0:
             histogram.pop()
         return histogram
@@ -96,11 +117,23 @@ class FlipTracker:
     # --- checkpointing ------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """Whole-tensor state (FSDP shards are gathered: every process must call this), so that a checkpoint does
+        not depend on how many processes wrote it."""
         state = {}
-        for name in self.agree:
-            state[f"agree.{name}"] = self.agree[name].cpu()
-            state[f"crossings.{name}"] = self.crossings[name].cpu()
+        for target in self.reference.targets:
+            if target.name in self.agree:
+                state[f"agree.{target.name}"] = self._whole(target, self.agree[target.name])
+                state[f"crossings.{target.name}"] = self._whole(target, self.crossings[target.name])
         return state
+
+    def _whole(self, target, local: torch.Tensor) -> torch.Tensor:
+        if not self.sharded:
+            return local.cpu()
+        param = target.param
+        as_bytes = local.to(torch.uint8)  # gloo cannot gather bool
+        whole = DTensor.from_local(as_bytes, param.device_mesh, param.placements, shape=param.shape,
+                                   stride=param.stride()).full_tensor()
+        return whole.to(local.dtype).cpu()
 
     def load_state_dict(self, state: dict[str, torch.Tensor], last_step: int | None, last: dict) -> None:
         for target in self.reference.targets:

@@ -105,11 +105,16 @@ class SignLockTrainer(Trainer):
         else:
             targets = resolve_targets(model, args.target_modules, init_std=args.init_std)
         super().__init__(model=model, args=args, **kwargs)
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            # Sharded parameters need the drift and the tracking on local shards; not built yet.
+        if self.is_deepspeed_enabled:
+            # ZeRO-3 flattens weights into buffers the drift term cannot address by row; FSDP2 keeps them as DTensors.
             raise SignLockConfigError(
-                "SignLockTrainer supports one process and DDP (recipes/accelerate/multi_gpu.yaml); FSDP and "
-                "DeepSpeed shard the weights and are not supported yet. Launch with the DDP config."
+                "SignLockTrainer supports one process, DDP (recipes/accelerate/multi_gpu.yaml) and FSDP2 "
+                "(recipes/accelerate/fsdp.yaml); DeepSpeed is not supported. Launch with one of those configs."
+            )
+        if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+            raise SignLockConfigError(
+                "SignLockTrainer supports FSDP2 only (its weights stay addressable DTensor row shards); set "
+                "`fsdp_version: 2` in the accelerate config, as recipes/accelerate/fsdp.yaml does."
             )
         if seeded:
             self.reference = SignReference.from_seed(targets, args.sign_seed, args.sign_source, args.template_rank)
@@ -163,7 +168,9 @@ class SignLockTrainer(Trainer):
         if "loss" in logs:  # a training log: every rank gets here, so the reduce below is safe
             if self._drift_count:
                 mean = self._drift_sum / self._drift_count
-                logs["drift_loss"] = self.accelerator.reduce(mean, "mean").item()
+                # Each rank holds all of R under DDP, its rows' share of R under FSDP.
+                reduction = "sum" if self.reference.is_sharded() else "mean"
+                logs["drift_loss"] = self.accelerator.reduce(mean, reduction).item()
                 self._drift_sum.zero_()
                 self._drift_count = 0
             if self.tracker.last:
@@ -175,12 +182,15 @@ class SignLockTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            self.save_signlock_state(folder)
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        self.save_signlock_state(folder)
 
     def save_signlock_state(self, folder: str) -> None:
-        """Write the tracking state (and captured reference signs) so that a resumed run continues it exactly."""
+        """Write the tracking state (and captured reference signs) so that a resumed run continues it exactly.
+        Every process calls this (FSDP shards are gathered); the main one writes."""
+        tensors = {**self.tracker.state_dict(), **self.reference.state_dict()}
+        if not self.args.should_save:
+            return
         meta = {
             "format_version": "1",
             "reference_mode": self.reference.mode,
@@ -188,7 +198,6 @@ class SignLockTrainer(Trainer):
             "last_step": json.dumps(self.tracker.last_step),
             "last": json.dumps(self.tracker.last),
         }
-        tensors = {**self.tracker.state_dict(), **self.reference.state_dict()}
         save_file(tensors, os.path.join(folder, STATE_NAME), metadata=meta)
 
     def load_signlock_state(self, folder: str) -> None:

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
@@ -87,3 +88,30 @@ def test_two_processes_match_one(tmp_path):
     assert [h["step"] for h in one["history"]] == [h["step"] for h in two["history"]] == [2, 4, 6, 8]
     for key in ("loss", "drift_loss"):
         assert [h[key] for h in two["history"]] == pytest.approx([h[key] for h in one["history"]], rel=1e-5)
+
+
+@pytest.mark.gpu
+def test_fsdp2_launch_matches_plain_run_on_gpu(tmp_path):
+    """The Trainer path under `accelerate launch` with FSDP2 (accelerate has no FSDP on the CPU): one GPU process
+    holds DTensor shards of the whole weight, and must report what the plain single-GPU run reports."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    recipe = _recipe(tmp_path)
+    recipe.write_text(recipe.read_text().replace("use_cpu: true\n", ""))
+    config = tmp_path / "fsdp.yaml"
+    source = (Path(__file__).parents[1] / "recipes" / "accelerate" / "fsdp.yaml").read_text()
+    config.write_text(source.replace("num_processes: 2", "num_processes: 1").replace("mixed_precision: bf16",
+                                                                                    'mixed_precision: "no"'))
+    plain, fsdp = tmp_path / "plain", tmp_path / "fsdp"
+    _run([sys.executable, "-m", "hf_signlock", "train", "--config", str(recipe), "--output_dir", str(plain)], tmp_path)
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "hf_signlock",
+          "train", "--config", str(recipe), "--output_dir", str(fsdp)], tmp_path)
+    one = json.loads((plain / "signlock_stats.json").read_text())
+    two = json.loads((fsdp / "signlock_stats.json").read_text())
+    assert two["global_step"] == one["global_step"] == 8
+    assert abs(one["flips"] - two["flips"]) <= 2
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-4)
+    drift_one, drift_two = ([h["drift_loss"] for h in run["history"]] for run in (one, two))
+    assert drift_two == pytest.approx(drift_one, rel=1e-4)

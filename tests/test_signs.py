@@ -19,6 +19,7 @@ from hf_signlock import (
     template_signs,
     unpack_signs,
 )
+from hf_signlock import signs as signs_module
 
 # (seed, name, start) -> (key, first 64 signs). Frozen: a change here is a new format version, never an edit.
 GOLDEN = {
@@ -46,7 +47,7 @@ def test_golden_vectors(case, expected):
     assert as_text(torch.from_numpy(numpy_signs(seed, name, 64, start))) == signs
 
 
-@pytest.mark.parametrize("kernel", ["1", "0"], ids=["fused-kernel", "numpy-table"])
+@pytest.mark.parametrize("kernel", [True, False], ids=["fused-kernel", "numpy-table"])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     seed=st.integers(-(2**70), 2**70),
@@ -55,7 +56,7 @@ def test_golden_vectors(case, expected):
     start=st.integers(0, 10**12),
 )
 def test_cpu_paths_equal_numpy_twin(monkeypatch, kernel, seed, name, numel, start):
-    monkeypatch.setenv("HF_SIGNLOCK_SIGN_KERNEL", kernel)
+    monkeypatch.setattr(signs_module, "USE_SIGN_KERNEL", kernel)
     assert sign_kernel.available()  # numba is a dependency: the fused path must be the one tested here
     assert np.array_equal(seeded_signs(seed, name, numel, start).numpy(), numpy_signs(seed, name, numel, start))
 
@@ -63,7 +64,7 @@ def test_cpu_paths_equal_numpy_twin(monkeypatch, kernel, seed, name, numel, star
 def test_fused_kernel_equals_table_path_on_large_unaligned_tensors(monkeypatch):
     args = (11, "model.layers.1.mlp.down_proj.weight", 3_000_001, 12_345)
     fused = seeded_signs(*args)
-    monkeypatch.setenv("HF_SIGNLOCK_SIGN_KERNEL", "0")
+    monkeypatch.setattr(signs_module, "USE_SIGN_KERNEL", False)
     assert torch.equal(fused, seeded_signs(*args))
 
 
