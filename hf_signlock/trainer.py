@@ -238,12 +238,20 @@ class SignLockTrainer(Trainer):
         if resume_from_checkpoint:
             self.load_signlock_state(resume_from_checkpoint)
         elif self.args.save_initial_model:
-            self.save_model(os.path.join(self.args.output_dir, "initial"))
+            self._save_initial_model(os.path.join(self.args.output_dir, "initial"))
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
         if self.tracker.last_step != self.state.global_step:
             self.tracker.observe(self.state.global_step)
         self.write_stats()
         return output
+
+    def _save_initial_model(self, folder: str) -> None:
+        if not self.is_fsdp_enabled:
+            self.save_model(folder)
+        elif self.args.should_save:  # FSDP wraps the model inside train(): here every rank still holds all of it
+            self.model.save_pretrained(folder)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(folder)
 
     def write_stats(self, path: str | None = None) -> dict:
         """Evaluate (if there is an eval set) and write ``signlock_stats.json``; returns what was written."""
