@@ -23,3 +23,7 @@ class DataError(SignLockError, ValueError):
 
 class NonFiniteLossError(SignLockError, FloatingPointError):
     """Training produced a NaN or infinite loss."""
+
+
+class CorruptCheckpointError(SignLockError, ValueError):
+    """Stored data (a flip stream, a tensor, a checksum) does not decode exactly; nothing is loaded."""
