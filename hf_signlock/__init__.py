@@ -6,6 +6,7 @@ while training (``SignLockTrainer``: outward-drift loss, flip tracking), and the
 
 from .drift import outward_drift
 from .errors import (
+    CorruptCheckpointError,
     DataError,
     NonFiniteLossError,
     RecipeError,
@@ -13,7 +14,10 @@ from .errors import (
     SignLockError,
     TargetNotFoundError,
 )
+from .export import quantize_model
 from .gap_init import apply_gap_init, gap_floor, gap_scale
+from .quant_config import SignLockConfig
+from .quantizer import SignLockHfQuantizer
 from .reference import SignReference, pack_signs, unpack_signs
 from .signs import SIGNS_FORMAT_VERSION, reference_signs, seeded_sign_bits, seeded_signs, sign_key, template_signs
 from .targets import InitDistribution, TargetWeight, find_target_modules, resolve_targets
@@ -24,6 +28,10 @@ from .training_args import SignLockTrainingArguments
 __version__ = "0.1.0"
 
 __all__ = [
+    "CorruptCheckpointError",
+    "SignLockConfig",
+    "SignLockHfQuantizer",
+    "quantize_model",
     "SIGNS_FORMAT_VERSION",
     "DataError",
     "FlipTracker",

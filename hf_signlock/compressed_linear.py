@@ -1,0 +1,138 @@
+"""``SignLockLinear``: one compressed target layer: coded flips (or packed signs) plus a magnitude codec's tensors.
+
+It stands in for an ``nn.Linear`` or a GPT-2 ``Conv1D`` (weight stored ``[in, out]``): the stored shape and
+positions are the original parameter's. ``decode_weight`` rebuilds W = s * |W|~ exactly in sign; ``verify`` checks
+the stored tensors and the decoded signs against the checksums recorded at export, so a corrupted, truncated or
+missing tensor, or the wrong seed, stops the load with the layer's name instead of producing garbage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CorruptCheckpointError
+from .flip_coding import decode_flips
+from .magnitude_codecs import make_codec
+from .reference import pack_signs, unpack_signs
+from .signs import reference_signs
+
+_DTYPES = {str(t).removeprefix("torch."): t for t in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """Checksum of named tensors (names, dtypes, shapes and bytes, in name order)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def sign_digest(signs: torch.Tensor) -> str:
+    return hashlib.blake2b(pack_signs(signs).cpu().numpy().tobytes(), digest_size=16).hexdigest()
+
+
+class SignLockLinear(nn.Module):
+    def __init__(self, param_name: str, record: dict, config, device="meta"):
+        super().__init__()
+        self.param_name = param_name  # the weight's name in the dense model: its seeded signs are keyed by it
+        self.record = record
+        self.config = config
+        self.shape = tuple(record["shape"])
+        self.layout = record["layout"]
+        in_features, out_features = self.shape[::-1] if self.layout == "linear" else self.shape
+        self.in_features, self.out_features = in_features, out_features
+        self.codec = make_codec(config.codec, config.codec_params)
+        self._stored_names = []
+        for name, (shape, dtype) in self.codec.stored_specs(self.shape, _DTYPES[record["dtype"]]).items():
+            self._register(name, torch.empty(shape, dtype=dtype, device=device))
+        if config.sign_source == "packed":
+            self._register("sign_bits", torch.empty(math.ceil(math.prod(self.shape) / 8), dtype=torch.uint8, device=device))
+        else:
+            self._register("flips", torch.empty(record["flip_bytes"], dtype=torch.uint8, device=device))
+        if record["bias"]:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=_DTYPES[record["dtype"]], device=device),
+                                     requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    def _register(self, name: str, tensor: torch.Tensor) -> None:
+        self.register_buffer(name, tensor, persistent=True)
+        self._stored_names.append(name)
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self._stored_names}
+
+    # --- decoding -------------------------------------------------------------------------------------------------
+
+    def decode_signs(self) -> torch.Tensor:
+        """int8 -1/+1 signs of the trained weight, in its stored shape."""
+        numel = math.prod(self.shape)
+        if self.config.sign_source == "packed":
+            return unpack_signs(self.sign_bits.cpu(), self.shape)
+        flips = decode_flips(self.flips.cpu().numpy().tobytes(), numel)
+        if len(flips) != self.record["flips"]:
+            raise CorruptCheckpointError(
+                f"{self.param_name}: the flip stream holds {len(flips)} flips, the config records {self.record['flips']}"
+            )
+        signs = reference_signs(self.config.seed, self.param_name, self.shape, self.config.sign_source,
+                                self.config.template_rank).reshape(-1)
+        signs[torch.from_numpy(flips)] *= -1
+        return signs.view(self.shape)
+
+    def verify(self) -> torch.Tensor:
+        """Check the stored tensors and the decoded signs; returns the signs."""
+        stored = self.stored_tensors()
+        for name, tensor in stored.items():
+            if tensor.device.type == "meta":
+                raise CorruptCheckpointError(f"{self.param_name}: the checkpoint has no `{name}` tensor for this layer")
+        if tensor_digest(stored) != self.record["stored_checksum"]:
+            raise CorruptCheckpointError(
+                f"{self.param_name}: the stored tensors do not match the checksum recorded at export "
+                "(corrupted or truncated file, or a tensor from another checkpoint)"
+            )
+        signs = self.decode_signs()
+        if sign_digest(signs) != self.record["sign_checksum"]:
+            raise CorruptCheckpointError(
+                f"{self.param_name}: the decoded signs do not match the checksum recorded at export; the seed "
+                f"({self.config.seed}) or sign source ({self.config.sign_source!r}) is not the one the model was "
+                "trained with"
+            )
+        return signs
+
+    def decode_weight(self, signs: torch.Tensor | None = None) -> torch.Tensor:
+        signs = self.decode_signs() if signs is None else signs
+        stored = {name: tensor for name, tensor in self.stored_tensors().items() if name not in ("flips", "sign_bits")}
+        magnitude = self.codec.decode(stored, self.shape)
+        return signs.to(magnitude.device, magnitude.dtype) * magnitude
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The decoded dense weight (a new tensor; writing to it changes nothing). Model init code that touches
+        ``.weight`` before loading gets an empty meta tensor of the right shape."""
+        if any(t.device.type == "meta" for t in self.stored_tensors().values()):
+            return torch.empty(self.shape, device="meta")
+        return self.decode_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.decode_weight().to(x.device, x.dtype)
+        if self.layout == "linear":
+            return F.linear(x, weight, self.bias)
+        flat = x.reshape(-1, self.in_features)  # as Conv1D computes it (addmm), so exact codecs match bit for bit
+        out = flat @ weight if self.bias is None else torch.addmm(self.bias.to(x.dtype), flat, weight)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}, "
+                f"signs={self.config.sign_source}, codec={self.config.codec}, flips={self.record['flips']}")
+
+
+def flip_positions(trained_signs: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
+    return torch.nonzero((trained_signs != reference).reshape(-1)).reshape(-1).numpy()

@@ -1,0 +1,161 @@
+"""SignLock export: exact signs, bit-identical logits with the exact codec, save -> from_pretrained round trips,
+and every kind of bad checkpoint refused with the layer's name."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+from hf_signlock import CorruptCheckpointError, SignLockConfig, SignLockConfigError, apply_gap_init, quantize_model
+from hf_signlock.compressed_linear import SignLockLinear
+from hf_signlock.targets import find_target_modules
+
+CONFIGS = {
+    "llama": lambda: LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=64),
+    "gpt2": lambda: GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32, bos_token_id=0,
+                               eos_token_id=0),
+}
+SEED = 3
+
+
+def trained_model(arch: str):
+    """A seeded gap-init model whose weights then moved, so that some signs flipped (about 2%)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[arch]()).eval()
+    targets = apply_gap_init(model, seed=SEED, gap=0.5)
+    with torch.no_grad():
+        for t in targets:
+            t.param.add_(torch.randn_like(t.param) * t.init_std)
+    return model
+
+
+def dense_weights(model):
+    return {f"{n}.weight": m.weight.detach().clone() for n, m in find_target_modules(model, None).items()}
+
+
+IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+@pytest.mark.parametrize("sign_source", ["seed", "packed"])
+def test_exact_codec_round_trip_is_bit_identical(tmp_path, arch, sign_source):
+    model = trained_model(arch)
+    dense = model(IDS).logits
+    config = SignLockConfig(seed=SEED if sign_source == "seed" else None, sign_source=sign_source, codec="exact")
+    quantize_model(model, config)
+    assert any(r["flips"] for r in config.layers.values()) if sign_source == "seed" else True
+    assert torch.equal(model(IDS).logits, dense)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not any(isinstance(m, SignLockLinear) for m in loaded.modules())  # dequantized on load
+    assert torch.equal(loaded(IDS).logits, dense)
+
+
+def test_compressed_modules_load_when_asked(tmp_path):
+    model = trained_model("llama")
+    dense = model(IDS).logits
+    quantize_model(model, SignLockConfig(seed=SEED, codec="exact", dequantize=False))
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert sum(isinstance(m, SignLockLinear) for m in loaded.modules()) == 14
+    assert torch.equal(loaded(IDS).logits, dense)
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_lossy_codec_keeps_every_sign(tmp_path, arch):
+    model = trained_model(arch)
+    before = dense_weights(model)
+    quantize_model(model, SignLockConfig(seed=SEED, codec="scale"))
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    after = dense_weights(loaded)
+    for name, weight in before.items():
+        assert torch.equal(torch.where(after[name] >= 0, 1, -1), torch.where(weight >= 0, 1, -1)), name
+        assert not torch.equal(after[name], weight)  # the codec really is lossy: signs survive regardless
+
+
+def _export(tmp_path, **overrides):
+    model = trained_model("llama")
+    quantize_model(model, SignLockConfig(**{"seed": SEED, "codec": "scale", **overrides}))
+    model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def _edit_config(folder, edit):
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    edit(config["quantization_config"])
+    path.write_text(json.dumps(config))
+
+
+def test_wrong_seed_is_refused(tmp_path):
+    folder = _export(tmp_path)
+    _edit_config(folder, lambda q: q.update(seed=SEED + 1))
+    with pytest.raises(CorruptCheckpointError, match=r"model\.layers\.0\..*decoded signs.*seed \(4\)"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_corrupted_tensor_is_refused(tmp_path):
+    folder = _export(tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    key = "model.layers.1.mlp.up_proj.row_scale"
+    tensors[key] = tensors[key].clone()
+    tensors[key][3] += 1
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CorruptCheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight: the stored tensors"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_corrupted_flip_stream_is_refused(tmp_path):
+    folder = _export(tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.flips"
+    tensors[key] = tensors[key].clone()
+    tensors[key][-6] ^= 0x10
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CorruptCheckpointError, match=r"q_proj"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_missing_layer_tensor_is_refused(tmp_path):
+    folder = _export(tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.0.mlp.down_proj.col_scale"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CorruptCheckpointError, match=r"down_proj"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda q: q.update(format_version=9), "format version 9"),
+    (lambda q: q.update(codec="zip"), "`codec` must be one of"),
+    (lambda q: q.update(sign_source="dice"), "`sign_source` must be one of"),
+])
+def test_unknown_format_or_codec_is_refused(tmp_path, edit, message):
+    folder = _export(tmp_path)
+    _edit_config(folder, edit)
+    with pytest.raises(SignLockConfigError, match=message):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_seed_required_unless_packed():
+    with pytest.raises(SignLockConfigError, match="pass `seed`"):
+        SignLockConfig(sign_source="seed")
+
+
+@pytest.mark.parametrize("codec", ["exact", "scale"])
+def test_dequantized_layers_follow_the_requested_dtype(tmp_path, codec):
+    """Stored tensors keep their own dtype (so checksums hold); the dense layers take the model's."""
+    model = trained_model("llama")
+    dense = dense_weights(model)
+    quantize_model(model, SignLockConfig(seed=SEED, codec=codec))
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    weight = loaded.model.layers[0].mlp.up_proj.weight
+    assert weight.dtype == torch.bfloat16
+    if codec == "exact":
+        assert torch.equal(weight, dense["model.layers.0.mlp.up_proj.weight"].to(torch.bfloat16))
+    assert loaded(IDS).logits.isfinite().all()
