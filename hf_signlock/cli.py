@@ -1,4 +1,9 @@
-"""``hf-signlock`` command line: ``hf-signlock train --config RECIPE [--field value ...]``."""
+"""``hf-signlock`` command line.
+
+    hf-signlock train --config RECIPE [--field value ...]
+    hf-signlock export RUN_DIR OUT_DIR [--codec exact|scale] [--sign-source packed] [--keep-compressed]
+    hf-signlock inspect DIR
+"""
 
 from __future__ import annotations
 
@@ -28,6 +33,39 @@ def _train(config: str | None, rest: list[str]) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .export import export_run
+
+    report = export_run(args.run_dir, args.out_dir, codec=args.codec, sign_source=args.sign_source,
+                        dequantize=not args.keep_compressed)
+    total = report["total"]
+    print(f"{args.out_dir}: {report['bpw']:.4f} bits per target weight ({total['weights']:,} weights, "
+          f"{total['flips']:,} flips, signs {report['sign_source']}, codec {report['codec']})")
+    return 0
+
+
+def _inspect(folder: str) -> int:
+    from .bpw import BPW_NAME, checkpoint_bytes
+
+    path = os.path.join(folder, BPW_NAME)
+    if not os.path.exists(path):
+        raise SignLockError(f"{folder} has no {BPW_NAME}: it is not a SignLock export (make one with `hf-signlock "
+                            "export RUN_DIR OUT_DIR`).")
+    with open(path) as handle:
+        report = json.load(handle)
+    rows = [("layer", "weights", "flips", "flip bits", "magnitude bits", "other bits", "bpw")]
+    for name, layer in [*report["layers"].items(), ("total", report["total"])]:
+        rows.append((name, f"{layer['weights']:,}", f"{layer['flips']:,}", f"{layer['flip_bits']:,}",
+                     f"{layer['magnitude_bits']:,}", f"{layer['other_bits']:,}",
+                     f"{layer['total_bits'] / layer['weights']:.4f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+    print(f"\nsigns: {report['sign_source']}, codec: {report['codec']} {report.get('codec_params') or ''}")
+    print(f"bits per target weight: {report['bpw']:.4f}; checkpoint on disk: {checkpoint_bytes(folder):,} bytes")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-signlock", description="Sign lock-in for Hugging Face Transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -40,7 +78,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     train.add_argument("--config", help="YAML recipe, e.g. recipes/quickstart.yaml")
     train.add_argument("-h", "--help", action="store_true")
+    export = commands.add_parser("export", help="Compress a trained model folder into a sub-bit SignLock checkpoint.")
+    export.add_argument("run_dir", help="a training run's output folder (model, tokenizer, signlock_stats.json)")
+    export.add_argument("out_dir")
+    export.add_argument("--codec", default="exact", help="magnitude codec: exact, scale")
+    export.add_argument("--sign-source", default=None, choices=["seed", "template", "packed"],
+                        help="override the run's sign source (packed: explicit 1-bit signs)")
+    export.add_argument("--keep-compressed", action="store_true",
+                        help="load as compressed modules that rebuild their weight when used, not dense Linear")
+    inspect = commands.add_parser("inspect", help="Bits per weight of a SignLock export, per layer and in total.")
+    inspect.add_argument("folder")
     args, rest = parser.parse_known_args(argv)
+    if args.command != "train" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command in ("export", "inspect"):
+        try:
+            return _export(args) if args.command == "export" else _inspect(args.folder)
+        except SignLockError as error:
+            print(f"hf-signlock: error: {error}", file=sys.stderr)
+            return 2
     if args.command == "train":
         if args.help:
             from .recipe import make_parser

@@ -8,16 +8,26 @@ packed bits); magnitudes go through the codec. Every layer's record (shape, flip
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging
 
+from .bpw import write_bpw
 from .compressed_linear import SignLockLinear, flip_positions, sign_digest, tensor_digest
 from .flip_coding import encode_flips
 from .quant_config import SignLockConfig
 from .reference import pack_signs
 from .signs import reference_signs
 from .targets import find_target_modules
+from .trainer import STATS_NAME
+
+logger = logging.get_logger(__name__)
 
 
 def _layout(module: nn.Module) -> str:
@@ -79,3 +89,43 @@ def dense_module(layer: SignLockLinear, weight: torch.Tensor) -> nn.Module:
     if layer.bias is not None:
         module.bias = nn.Parameter(layer.bias.detach(), requires_grad=True)
     return module
+
+
+def signs_of_run(run_dir: str | os.PathLike) -> dict:
+    """Seed and sign source of a training run, from its ``signlock_stats.json``; ``packed`` signs (with the reason)
+    when the run was not trained from our seeded init."""
+    path = Path(run_dir, STATS_NAME)
+    if not path.exists():
+        return {"sign_source": "packed", "why": f"{path} is missing: not a SignLockTrainer run"}
+    stats = json.loads(path.read_text())
+    if stats.get("reference_mode") != "seed":
+        return {"sign_source": "packed", "why": "the run fine-tuned from captured signs, not from a seeded init"}
+    modules = [name.removesuffix(".weight") for name in stats.get("target_modules", [])]
+    return {"sign_source": stats.get("sign_source", "seed"), "seed": stats["seed"],
+            "template_rank": stats.get("template_rank", 8), "target_modules": modules or None}
+
+
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: str = "exact",
+               codec_params: dict | None = None, sign_source: str | None = None, dequantize: bool = True) -> dict:
+    """Compress a trained model folder into ``out_dir`` (model, tokenizer, ``bpw.json``); returns the bpw report."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    signs = signs_of_run(run_dir)
+    if signs["sign_source"] == "packed":
+        logger.warning(f"Exporting {run_dir} with packed signs (1 bit per weight): {signs['why']}.")
+    config = SignLockConfig(
+        seed=signs.get("seed"), sign_source=sign_source or signs["sign_source"],
+        template_rank=signs.get("template_rank", 8), target_modules=signs.get("target_modules"), codec=codec,
+        codec_params=codec_params, dequantize=dequantize,
+    )
+    model = AutoModelForCausalLM.from_pretrained(run_dir)
+    quantize_model(model, config)
+    model.save_pretrained(out_dir)
+    try:
+        AutoTokenizer.from_pretrained(run_dir).save_pretrained(out_dir)
+    except (OSError, ValueError):
+        logger.warning(f"{run_dir} has no tokenizer; exporting the model alone.")
+    for name in (STATS_NAME,):
+        if Path(run_dir, name).exists():
+            shutil.copy(Path(run_dir, name), Path(out_dir, "training_" + name))
+    return write_bpw(model, out_dir)

@@ -266,6 +266,7 @@ class SignLockTrainer(Trainer):
             "seed": args.sign_seed,
             "reference_mode": args.reference_mode,
             "sign_source": args.sign_source,
+            "template_rank": args.template_rank,
             "gap": args.gap,
             "drift_lambda": args.drift_lambda,
             "drift_margin": args.drift_margin,

@@ -159,3 +159,55 @@ def test_dequantized_layers_follow_the_requested_dtype(tmp_path, codec):
     if codec == "exact":
         assert torch.equal(weight, dense["model.layers.0.mlp.up_proj.weight"].to(torch.bfloat16))
     assert loaded(IDS).logits.isfinite().all()
+
+
+def _run_folder(tmp_path, with_stats=True):
+    model = trained_model("llama")
+    run = tmp_path / "run"
+    model.save_pretrained(run)
+    if with_stats:
+        (run / "signlock_stats.json").write_text(json.dumps(
+            {"seed": SEED, "reference_mode": "seed", "sign_source": "seed", "template_rank": 8,
+             "target_modules": list(dense_weights(model))}))
+    return model, run
+
+
+def test_export_cli_writes_bpw_and_inspect_reads_it(tmp_path, capsys):
+    from hf_signlock.cli import main
+
+    model, run = _run_folder(tmp_path)
+    assert main(["export", str(run), str(tmp_path / "out"), "--codec", "scale"]) == 0
+    report = json.loads((tmp_path / "out" / "bpw.json").read_text())
+    fields = ("weights", "flips", "flip_bits", "magnitude_bits", "other_bits", "total_bits")
+    assert set(report["total"]) == set(fields)
+    for field in fields:
+        assert report["total"][field] == sum(layer[field] for layer in report["layers"].values())
+    layer = report["layers"]["model.layers.0.mlp.up_proj.weight"]
+    assert layer["weights"] == 64 * 32 and layer["magnitude_bits"] == 16 * (64 + 32)
+    assert layer["total_bits"] == layer["flip_bits"] + layer["magnitude_bits"] + layer["other_bits"]
+    assert report["bpw"] == report["total"]["total_bits"] / report["total"]["weights"]
+    stored = load_file(tmp_path / "out" / "model.safetensors")
+    assert layer["flip_bits"] == 8 * stored["model.layers.0.mlp.up_proj.flips"].numel()
+    assert main(["inspect", str(tmp_path / "out")]) == 0
+    assert "checkpoint on disk" in capsys.readouterr().out
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    for name, weight in dense_weights(model).items():
+        assert torch.equal(torch.sign(dense_weights(loaded)[name]), torch.sign(weight))
+
+
+def test_export_without_seeded_init_uses_packed_signs(tmp_path):
+    from hf_signlock.export import export_run
+
+    model, run = _run_folder(tmp_path, with_stats=False)
+    report = export_run(run, tmp_path / "out", codec="exact")
+    assert report["sign_source"] == "packed"
+    assert report["total"]["flip_bits"] >= report["total"]["weights"]  # one stored bit per sign
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.equal(loaded(IDS).logits, model(IDS).logits)
+
+
+def test_inspect_refuses_a_folder_without_bpw(tmp_path, capsys):
+    from hf_signlock.cli import main
+
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "not a SignLock export" in capsys.readouterr().err
