@@ -2,7 +2,8 @@
 
 Per layer: ``flip_bits`` are the bits that give the signs (the coded flip stream, or the packed signs when
 ``sign_source`` is "packed"), ``magnitude_bits`` the codec's tensors, ``other_bits`` the bias and the layer's record
-in ``config.json`` (shape, counts, checksums). ``bpw = total_bits / weights``. Written as ``bpw.json`` beside every
+in ``config.json`` counted as ``RECORD_BITS`` (its fields as eight 64-bit words: two checksums, two dimensions, flip
+count, stream length, codec parameters, flags), not as the JSON text that spells them. ``bpw = total_bits / weights``. Written as ``bpw.json`` beside every
 export; ``hf-signlock inspect`` shows it with the checkpoint's size on disk.
 """
 
@@ -17,6 +18,7 @@ from torch import nn
 from .compressed_linear import SignLockLinear
 
 BPW_NAME = "bpw.json"
+RECORD_BITS = 8 * 64
 _FIELDS = ("weights", "flips", "flip_bits", "magnitude_bits", "other_bits", "total_bits")
 
 
@@ -29,7 +31,7 @@ def layer_bits(layer: SignLockLinear) -> dict[str, int]:
     sign_name = "sign_bits" if "sign_bits" in stored else "flips"
     flip_bits = _bits(stored[sign_name])
     magnitude_bits = sum(_bits(t) for name, t in stored.items() if name != sign_name)
-    other_bits = (_bits(layer.bias) if layer.bias is not None else 0) + 8 * len(json.dumps(layer.record))
+    other_bits = (_bits(layer.bias) if layer.bias is not None else 0) + RECORD_BITS
     weights = 1
     for size in layer.shape:
         weights *= size

@@ -1,7 +1,7 @@
 """``hf-signlock`` command line.
 
     hf-signlock train --config RECIPE [--field value ...]
-    hf-signlock export RUN_DIR OUT_DIR [--codec exact|scale] [--sign-source packed] [--keep-compressed]
+    hf-signlock export RUN_DIR OUT_DIR [--codec vq --bits-per-weight 0.5] [--sign-source packed] [--keep-compressed]
     hf-signlock inspect DIR
 """
 
@@ -36,8 +36,9 @@ def _train(config: str | None, rest: list[str]) -> int:
 def _export(args) -> int:
     from .export import export_run
 
-    report = export_run(args.run_dir, args.out_dir, codec=args.codec, sign_source=args.sign_source,
-                        dequantize=not args.keep_compressed)
+    report = export_run(args.run_dir, args.out_dir, codec=args.codec, bits_per_weight=args.bits_per_weight,
+                        codec_params=json.loads(args.codec_params) if args.codec_params else None,
+                        sign_source=args.sign_source, dequantize=not args.keep_compressed)
     total = report["total"]
     print(f"{args.out_dir}: {report['bpw']:.4f} bits per target weight ({total['weights']:,} weights, "
           f"{total['flips']:,} flips, signs {report['sign_source']}, codec {report['codec']})")
@@ -81,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     export = commands.add_parser("export", help="Compress a trained model folder into a sub-bit SignLock checkpoint.")
     export.add_argument("run_dir", help="a training run's output folder (model, tokenizer, signlock_stats.json)")
     export.add_argument("out_dir")
-    export.add_argument("--codec", default="exact", help="magnitude codec: exact, scale")
+    export.add_argument("--codec", default="exact", help="magnitude codec: exact, scale, lowrank, vq")
+    export.add_argument("--bits-per-weight", type=float, default=None,
+                        help="total budget per target weight (signs + magnitudes + tables); the codec fits it")
+    export.add_argument("--codec-params", default=None, help='JSON, e.g. \'{"bits": 8, "group": 16}\' for vq')
     export.add_argument("--sign-source", default=None, choices=["seed", "template", "packed"],
                         help="override the run's sign source (packed: explicit 1-bit signs)")
     export.add_argument("--keep-compressed", action="store_true",

@@ -27,7 +27,7 @@ _DTYPES = {str(t).removeprefix("torch."): t for t in (torch.float32, torch.float
 
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     """Checksum of named tensors (names, dtypes, shapes and bytes, in name order)."""
-    digest = hashlib.blake2b(digest_size=16)
+    digest = hashlib.blake2b(digest_size=8)
     for name in sorted(tensors):
         tensor = tensors[name].detach().contiguous().cpu()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
@@ -36,7 +36,7 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def sign_digest(signs: torch.Tensor) -> str:
-    return hashlib.blake2b(pack_signs(signs).cpu().numpy().tobytes(), digest_size=16).hexdigest()
+    return hashlib.blake2b(pack_signs(signs).cpu().numpy().tobytes(), digest_size=8).hexdigest()
 
 
 class SignLockLinear(nn.Module):
@@ -51,7 +51,9 @@ class SignLockLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.codec = make_codec(config.codec, config.codec_params)
         self._stored_names = []
-        for name, (shape, dtype) in self.codec.stored_specs(self.shape, _DTYPES[record["dtype"]]).items():
+        self.codec_params = record.get("codec_params", {})
+        specs = self.codec.stored_specs(self.shape, _DTYPES[record["dtype"]], self.codec_params)
+        for name, (shape, dtype) in specs.items():
             self._register(name, torch.empty(shape, dtype=dtype, device=device))
         if config.sign_source == "packed":
             self._register("sign_bits", torch.empty(math.ceil(math.prod(self.shape) / 8), dtype=torch.uint8, device=device))
@@ -110,7 +112,10 @@ class SignLockLinear(nn.Module):
     def decode_weight(self, signs: torch.Tensor | None = None) -> torch.Tensor:
         signs = self.decode_signs() if signs is None else signs
         stored = {name: tensor for name, tensor in self.stored_tensors().items() if name not in ("flips", "sign_bits")}
-        magnitude = self.codec.decode(stored, self.shape)
+        try:
+            magnitude = self.codec.decode(stored, self.shape, self.codec_params)
+        except (ValueError, IndexError, RuntimeError) as error:
+            raise CorruptCheckpointError(f"{self.param_name}: the {self.config.codec} magnitudes do not decode: {error}")
         return signs.to(magnitude.device, magnitude.dtype) * magnitude
 
     @property

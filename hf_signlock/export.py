@@ -18,9 +18,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
-from .bpw import write_bpw
+from .bpw import RECORD_BITS, write_bpw
 from .compressed_linear import SignLockLinear, flip_positions, sign_digest, tensor_digest
 from .flip_coding import encode_flips
+from .magnitude_codecs import make_codec
 from .quant_config import SignLockConfig
 from .reference import pack_signs
 from .signs import reference_signs
@@ -50,8 +51,15 @@ def compress_layer(param_name: str, module: nn.Module, config: SignLockConfig) -
         sign_tensors = {"flips": torch.frombuffer(bytearray(blob), dtype=torch.uint8)}
         record["flips"] = len(positions)
         record["flip_bytes"] = len(blob)
+    codec = make_codec(config.codec, config.codec_params)
+    budget = None
+    if config.bits_per_weight is not None:  # what is left for magnitudes once signs, bias and record are paid
+        bias_bits = 0 if module.bias is None else module.bias.numel() * module.bias.element_size() * 8
+        sign_bits = 8 * sum(t.numel() for t in sign_tensors.values())
+        budget = config.bits_per_weight * weight.numel() - sign_bits - bias_bits - RECORD_BITS
+    record["codec_params"] = codec.choose(tuple(weight.shape), budget)
     layer = SignLockLinear(param_name, record, config, device="cpu")
-    stored = {**layer.codec.encode(weight.abs()), **sign_tensors}
+    stored = {**codec.encode(weight.abs(), record["codec_params"]), **sign_tensors}
     for name, tensor in stored.items():
         setattr(layer, name, tensor)
     if module.bias is not None:
@@ -106,7 +114,8 @@ def signs_of_run(run_dir: str | os.PathLike) -> dict:
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: str = "exact",
-               codec_params: dict | None = None, sign_source: str | None = None, dequantize: bool = True) -> dict:
+               codec_params: dict | None = None, bits_per_weight: float | None = None, sign_source: str | None = None,
+               dequantize: bool = True) -> dict:
     """Compress a trained model folder into ``out_dir`` (model, tokenizer, ``bpw.json``); returns the bpw report."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -116,7 +125,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: st
     config = SignLockConfig(
         seed=signs.get("seed"), sign_source=sign_source or signs["sign_source"],
         template_rank=signs.get("template_rank", 8), target_modules=signs.get("target_modules"), codec=codec,
-        codec_params=codec_params, dequantize=dequantize,
+        codec_params=codec_params, bits_per_weight=bits_per_weight, dequantize=dequantize,
     )
     model = AutoModelForCausalLM.from_pretrained(run_dir)
     quantize_model(model, config)

@@ -32,7 +32,9 @@ class SignLockConfig(QuantizationConfigMixin):
         template_rank: rank of the template (``sign_source="template"``).
         target_modules: patterns of the modules to compress (None: every Linear/Conv1D inside the repeated blocks).
         codec: magnitude codec, one of "exact", "scale", "vq", "lowrank".
-        codec_params: the codec's parameters (e.g. ``{"bits": 2, "group": 4}`` for "vq").
+        codec_params: the codec's parameters (e.g. ``{"bits": 8, "group": 16}`` for "vq", ``{"rank": 4}`` for
+            "lowrank"); parameters left out are chosen per layer to fit ``bits_per_weight``.
+        bits_per_weight: total budget per target weight (signs, magnitudes, bias and records all counted).
         dequantize: load as dense ``nn.Linear`` (True) or keep compressed modules that rebuild their weight when
             used (False).
         layers: filled by export: per-layer records (shape, flips, checksums); not set by hand.
@@ -40,7 +42,8 @@ class SignLockConfig(QuantizationConfigMixin):
 
     def __init__(self, seed: int | None = None, sign_source: str = "seed", template_rank: int = 8,
                  target_modules: list[str] | str | None = None, codec: str = "exact",
-                 codec_params: dict[str, Any] | None = None, dequantize: bool = True,
+                 codec_params: dict[str, Any] | None = None, bits_per_weight: float | None = None,
+                 dequantize: bool = True,
                  layers: dict[str, dict] | None = None, format_version: int = EXPORT_FORMAT_VERSION, **kwargs):
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
@@ -50,6 +53,7 @@ class SignLockConfig(QuantizationConfigMixin):
         self.target_modules = target_modules
         self.codec = codec
         self.codec_params = dict(codec_params or {})
+        self.bits_per_weight = bits_per_weight
         self.dequantize = dequantize
         self.layers = dict(layers or {})
         self.post_init()
@@ -64,6 +68,8 @@ class SignLockConfig(QuantizationConfigMixin):
             raise SignLockConfigError(f"`sign_source` must be one of {SIGN_SOURCES}, got {self.sign_source!r}.")
         if self.codec not in CODECS:
             raise SignLockConfigError(f"`codec` must be one of {CODECS}, got {self.codec!r}.")
+        if self.bits_per_weight is not None and not self.bits_per_weight > 0:
+            raise SignLockConfigError(f"`bits_per_weight` must be > 0, got {self.bits_per_weight}.")
         if self.sign_source != "packed" and self.seed is None:
             raise SignLockConfigError(
                 f"`sign_source={self.sign_source!r}` regenerates signs from a seed: pass `seed` (the run's sign_seed), "

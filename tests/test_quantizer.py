@@ -211,3 +211,27 @@ def test_inspect_refuses_a_folder_without_bpw(tmp_path, capsys):
 
     assert main(["inspect", str(tmp_path)]) == 2
     assert "not a SignLock export" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("codec, budget", [("vq", 0.5), ("vq", 1.0), ("lowrank", 1.0)])
+def test_budget_is_met_in_total_and_signs_stay_exact(tmp_path, codec, budget):
+    from hf_signlock.bpw import write_bpw
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=128, intermediate_size=352, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=64)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    targets = apply_gap_init(model, seed=SEED, gap=0.5)
+    with torch.no_grad():
+        for t in targets:
+            t.param.add_(torch.randn_like(t.param) * t.init_std * 0.3)
+    before = dense_weights(model)
+    quantize_model(model, SignLockConfig(seed=SEED, codec=codec, bits_per_weight=budget))
+    report = write_bpw(model, tmp_path)
+    assert report["bpw"] <= budget
+    assert all(layer["total_bits"] <= budget * layer["weights"] for layer in report["layers"].values())
+    assert report["bpw"] >= 0.6 * budget  # and mostly spent
+    model.save_pretrained(tmp_path)
+    after = dense_weights(AutoModelForCausalLM.from_pretrained(tmp_path))
+    for name, weight in before.items():
+        assert torch.equal(torch.sign(after[name]), torch.sign(weight)), name
