@@ -1,5 +1,12 @@
 """The transformers quantizer for ``quant_method: signlock`` (transformers 5 loading flow).
 
+The forgotten-import trap: without ``import hf_signlock`` transformers does not know ``signlock``; it logs
+"Unknown quantization type", skips the quantization and would randomly initialise the target layers. So every
+SignLock checkpoint also holds two guard tensors that make such a load fail loudly: one under the first target
+layer's ``.weight`` name with a shape no model has (a size-mismatch error, raised by transformers itself), and one
+whose name is the fix (listed in transformers' load report above that error). With hf_signlock imported, both are
+expected and skipped.
+
 ``from_pretrained`` of a SignLock checkpoint: the model is built on the meta device, ``SignLockLinear`` modules
 replace the target layers (their stored tensors have the shapes recorded in ``config.layers``), the standard loader
 fills them by name, and after loading every layer is verified (checksums of the stored tensors and of the decoded
@@ -8,6 +15,9 @@ signs) and, with ``dequantize=True``, swapped for a dense ``nn.Linear`` / ``Conv
 
 from __future__ import annotations
 
+import re
+
+import torch
 from transformers.quantizers import HfQuantizer, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 
@@ -17,11 +27,24 @@ from .export import dense_module
 from .quant_config import QUANT_METHOD
 
 
+GUARD_KEY = "hf_signlock_checkpoint.LOAD_NEEDS__pip_install_hf-signlock__and__import_hf_signlock"
+GUARD_TEXT = "This is a SignLock checkpoint: pip install hf-signlock, then import hf_signlock before from_pretrained."
+
+
+def guard_tensors(config) -> dict[str, torch.Tensor]:
+    message = torch.tensor(list(GUARD_TEXT.encode()), dtype=torch.uint8)
+    first = next(iter(config.layers))  # a target `.weight` the plain model expects with its own (2-D) shape
+    return {first: message, GUARD_KEY: message.clone()}
+
+
 class SignLockHfQuantizer(HfQuantizer):
     requires_calibration = False
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         config = self.quantization_config
+        model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
+            re.escape(key) + "$" for key in guard_tensors(config)
+        }
         modules = dict(model.named_modules())
         for param_name, record in config.layers.items():
             module_name = param_name.removesuffix(".weight")
@@ -41,6 +64,11 @@ class SignLockHfQuantizer(HfQuantizer):
             if self.quantization_config.dequantize:
                 model.set_submodule(module_name, dense_module(module, module.decode_weight(signs).to(dtype)))
         return model
+
+    def get_state_dict_and_metadata(self, model):
+        state_dict = model.state_dict()
+        state_dict.update(guard_tensors(self.quantization_config))
+        return state_dict, {"signlock": GUARD_TEXT}
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         return False

@@ -235,3 +235,20 @@ def test_budget_is_met_in_total_and_signs_stay_exact(tmp_path, codec, budget):
     after = dense_weights(AutoModelForCausalLM.from_pretrained(tmp_path))
     for name, weight in before.items():
         assert torch.equal(torch.sign(after[name]), torch.sign(weight)), name
+
+
+def test_loading_without_hf_signlock_fails_loudly(tmp_path):
+    """The forgotten-import trap: plain transformers must refuse the checkpoint, never randomly initialise it."""
+    import subprocess
+    import sys
+
+    folder = _export(tmp_path)
+    code = ("import sys; from transformers import AutoModelForCausalLM\n"
+            f"AutoModelForCausalLM.from_pretrained({str(folder)!r})\n"
+            "assert 'hf_signlock' not in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode != 0, "a SignLock checkpoint loaded without hf_signlock"
+    assert "pip_install_hf-signlock__and__import_hf_signlock" in result.stderr + result.stdout
+    assert "size mismatch" in result.stderr or "ignore_mismatched_sizes" in result.stderr
+    loaded = AutoModelForCausalLM.from_pretrained(folder)  # with hf_signlock imported: quietly correct
+    assert loaded(IDS).logits.isfinite().all()
