@@ -26,7 +26,6 @@ from .errors import CorruptCheckpointError
 from .export import dense_module
 from .quant_config import QUANT_METHOD
 
-
 GUARD_KEY = "hf_signlock_checkpoint.LOAD_NEEDS__pip_install_hf-signlock__and__import_hf_signlock"
 GUARD_TEXT = "This is a SignLock checkpoint: pip install hf-signlock, then import hf_signlock before from_pretrained."
 
