@@ -3,6 +3,7 @@
     hf-signlock train --config RECIPE [--field value ...]
     hf-signlock export RUN_DIR OUT_DIR [--codec vq --bits-per-weight 0.5] [--sign-source packed] [--keep-compressed]
     hf-signlock inspect DIR
+    hf-signlock push DIR REPO_ID [--private]
 """
 
 from __future__ import annotations
@@ -90,13 +91,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="override the run's sign source (packed: explicit 1-bit signs)")
     export.add_argument("--keep-compressed", action="store_true",
                         help="load as compressed modules that rebuild their weight when used, not dense Linear")
+    push = commands.add_parser("push", help="Upload an export (model, tokenizer, bpw.json) with its model card.")
+    push.add_argument("folder")
+    push.add_argument("repo_id")
+    push.add_argument("--private", action="store_true")
     inspect = commands.add_parser("inspect", help="Bits per weight of a SignLock export, per layer and in total.")
     inspect.add_argument("folder")
     args, rest = parser.parse_known_args(argv)
     if args.command != "train" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.command in ("export", "inspect"):
+    if args.command in ("export", "inspect", "push"):
         try:
+            if args.command == "push":
+                from .hub import push
+
+                print(push(args.folder, args.repo_id, private=args.private or None))
+                return 0
             return _export(args) if args.command == "export" else _inspect(args.folder)
         except SignLockError as error:
             print(f"hf-signlock: error: {error}", file=sys.stderr)

@@ -84,6 +84,9 @@ def quantize_model(model: nn.Module, config: SignLockConfig) -> nn.Module:
     model.hf_quantizer = SignLockHfQuantizer(config, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = config.quant_method
+    from .hub import attach_push_to_hub
+
+    attach_push_to_hub(model)  # push_to_hub uploads bpw.json and the SignLock model card with the weights
     return model
 
 

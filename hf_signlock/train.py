@@ -116,7 +116,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, training_
     return trainer
 
 
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "trained_model.md"
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "trained_model.md"  # package data
 
 
 def write_model_card(output_dir: str, architecture: str) -> None:
