@@ -4,6 +4,7 @@
     hf-signlock export RUN_DIR OUT_DIR [--codec vq --bits-per-weight 0.5] [--sign-source packed] [--keep-compressed]
     hf-signlock inspect DIR
     hf-signlock push DIR REPO_ID [--private]
+    hf-signlock evaluate DIR [--config RECIPE]
 """
 
 from __future__ import annotations
@@ -43,6 +44,20 @@ def _export(args) -> int:
     total = report["total"]
     print(f"{args.out_dir}: {report['bpw']:.4f} bits per target weight ({total['weights']:,} weights, "
           f"{total['flips']:,} flips, signs {report['sign_source']}, codec {report['codec']})")
+    return 0
+
+
+def _evaluate(folder: str, config: str | None) -> int:
+    from .evaluate import EVAL_NAME, evaluate_folder
+
+    data_args = None
+    if config:
+        from .recipe import parse_recipe
+
+        data_args = parse_recipe(config, ["--output_dir", folder])[1]
+    result = evaluate_folder(folder, data_args)
+    print(f"{folder}: perplexity {result['perplexity']:.3f} over {result['tokens']:,} held-out tokens "
+          f"(written to {os.path.join(folder, EVAL_NAME)})")
     return 0
 
 
@@ -95,13 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     push.add_argument("folder")
     push.add_argument("repo_id")
     push.add_argument("--private", action="store_true")
+    evaluate = commands.add_parser("evaluate", help="Held-out perplexity of a model folder (run or export).")
+    evaluate.add_argument("folder")
+    evaluate.add_argument("--config", default=None, help="recipe whose data settings to use (default: the run's)")
     inspect = commands.add_parser("inspect", help="Bits per weight of a SignLock export, per layer and in total.")
     inspect.add_argument("folder")
     args, rest = parser.parse_known_args(argv)
     if args.command != "train" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.command in ("export", "inspect", "push"):
+    if args.command in ("export", "inspect", "push", "evaluate"):
         try:
+            if args.command == "evaluate":
+                return _evaluate(args.folder, args.config)
             if args.command == "push":
                 from .hub import push
 

@@ -18,10 +18,10 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from .bpw import BPW_NAME, checkpoint_bytes, write_bpw
 from .errors import SignLockError
+from .evaluate import EVAL_NAME
 
 TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "signlock_export.md"
 TRAINING_STATS = "training_signlock_stats.json"
-EVAL_NAME = "eval.json"
 
 
 def _read(folder: Path, name: str) -> dict | None:

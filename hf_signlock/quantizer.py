@@ -32,7 +32,7 @@ GUARD_TEXT = "This is a SignLock checkpoint: pip install hf-signlock, then impor
 
 def guard_tensors(config) -> dict[str, torch.Tensor]:
     message = torch.tensor(list(GUARD_TEXT.encode()), dtype=torch.uint8)
-    first = next(iter(config.layers))  # a target `.weight` the plain model expects with its own (2-D) shape
+    first = min(config.layers)  # a target `.weight` the plain model expects (min: config.json sorts its keys)
     return {first: message, GUARD_KEY: message.clone()}
 
 

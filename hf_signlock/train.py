@@ -6,6 +6,8 @@ and ``signlock_stats.json``. The same code runs under ``accelerate launch`` on s
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +113,11 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, training_
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
+    if trainer.is_world_process_zero():  # the data settings, so that exports are evaluated on the same held-out text
+        stats_path = Path(training_args.output_dir) / STATS_NAME
+        stats = json.loads(stats_path.read_text())
+        stats["data"] = dataclasses.asdict(data_args)
+        stats_path.write_text(json.dumps(stats, indent=2))
     if trainer.is_world_process_zero():
         write_model_card(training_args.output_dir, model_args.architecture)
     return trainer
