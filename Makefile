@@ -1,4 +1,5 @@
-# Two entry points for a fresh machine: `make quickstart` (train -> evaluate on the built-in corpus) and `make test`.
+# Two entry points for a fresh machine: `make quickstart` (train -> export at 1 bit per weight -> evaluate, on the
+# built-in corpus) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -16,6 +17,9 @@ setup: $(STAMP)
 
 quickstart: setup
 	$(BIN)/hf-signlock train --config recipes/quickstart.yaml
+	$(BIN)/hf-signlock export runs/quickstart runs/quickstart-vq1 --codec vq --bits-per-weight 1.0
+	$(BIN)/hf-signlock evaluate runs/quickstart-vq1
+	$(BIN)/hf-signlock inspect runs/quickstart-vq1
 
 baseline: setup
 	$(BIN)/hf-signlock train --config recipes/baseline.yaml
