@@ -40,7 +40,8 @@ def _export(args) -> int:
 
     report = export_run(args.run_dir, args.out_dir, codec=args.codec, bits_per_weight=args.bits_per_weight,
                         codec_params=json.loads(args.codec_params) if args.codec_params else None,
-                        sign_source=args.sign_source, dequantize=not args.keep_compressed)
+                        sign_source=args.sign_source, dequantize=not args.keep_compressed,
+                        refine_steps=args.refine_steps, refine_learning_rate=args.refine_lr)
     total = report["total"]
     print(f"{args.out_dir}: {report['bpw']:.4f} bits per target weight ({total['weights']:,} weights, "
           f"{total['flips']:,} flips, signs {report['sign_source']}, codec {report['codec']})")
@@ -104,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--codec-params", default=None, help='JSON, e.g. \'{"bits": 8, "group": 16}\' for vq')
     export.add_argument("--sign-source", default=None, choices=["seed", "template", "packed"],
                         help="override the run's sign source (packed: explicit 1-bit signs)")
+    export.add_argument("--refine-steps", type=int, default=0,
+                        help="train the codec's tables on the run's training text for N steps, signs fixed")
+    export.add_argument("--refine-lr", type=float, default=1e-3)
     export.add_argument("--keep-compressed", action="store_true",
                         help="load as compressed modules that rebuild their weight when used, not dense Linear")
     push = commands.add_parser("push", help="Upload an export (model, tokenizer, bpw.json) with its model card.")

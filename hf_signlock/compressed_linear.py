@@ -59,6 +59,7 @@ class SignLockLinear(nn.Module):
             self._register("sign_bits", torch.empty(math.ceil(math.prod(self.shape) / 8), dtype=torch.uint8, device=device))
         else:
             self._register("flips", torch.empty(record["flip_bytes"], dtype=torch.uint8, device=device))
+        self.pinned_signs = None
         if record["bias"]:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=_DTYPES[record["dtype"]], device=device),
                                      requires_grad=False)
@@ -68,6 +69,9 @@ class SignLockLinear(nn.Module):
     def _register(self, name: str, tensor: torch.Tensor) -> None:
         self.register_buffer(name, tensor, persistent=True)
         self._stored_names.append(name)
+
+    def magnitude_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: t for name, t in self.stored_tensors().items() if name not in ("flips", "sign_bits")}
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self._stored_names}
@@ -110,8 +114,9 @@ class SignLockLinear(nn.Module):
         return signs
 
     def decode_weight(self, signs: torch.Tensor | None = None) -> torch.Tensor:
-        signs = self.decode_signs() if signs is None else signs
-        stored = {name: tensor for name, tensor in self.stored_tensors().items() if name not in ("flips", "sign_bits")}
+        if signs is None:  # refinement pins the decoded signs for its many forward passes
+            signs = self.pinned_signs if self.pinned_signs is not None else self.decode_signs()
+        stored = self.magnitude_tensors()
         try:
             magnitude = self.codec.decode(stored, self.shape, self.codec_params)
         except (ValueError, IndexError, RuntimeError) as error:

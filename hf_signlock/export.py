@@ -118,7 +118,8 @@ def signs_of_run(run_dir: str | os.PathLike) -> dict:
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: str = "exact",
                codec_params: dict | None = None, bits_per_weight: float | None = None, sign_source: str | None = None,
-               dequantize: bool = True) -> dict:
+               dequantize: bool = True, refine_steps: int = 0, refine_learning_rate: float = 1e-3,
+               data_args=None) -> dict:
     """Compress a trained model folder into ``out_dir`` (model, tokenizer, ``bpw.json``); returns the bpw report."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -132,6 +133,9 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: st
     )
     model = AutoModelForCausalLM.from_pretrained(run_dir)
     quantize_model(model, config)
+    refinement = None
+    if refine_steps > 0:
+        refinement = _refine_on_run_data(model, run_dir, refine_steps, refine_learning_rate, data_args)
     model.save_pretrained(out_dir)
     try:
         AutoTokenizer.from_pretrained(run_dir).save_pretrained(out_dir)
@@ -140,4 +144,22 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: st
     for name in (STATS_NAME,):
         if Path(run_dir, name).exists():
             shutil.copy(Path(run_dir, name), Path(out_dir, "training_" + name))
-    return write_bpw(model, out_dir)
+    report = write_bpw(model, out_dir)
+    if refinement is not None:
+        report["refinement"] = refinement
+        Path(out_dir, "bpw.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _refine_on_run_data(model, run_dir, steps: int, learning_rate: float, data_args=None) -> dict:
+    """Refine on the training split of the data the run was trained on (see ``evaluate.data_arguments_of``)."""
+    from transformers import AutoTokenizer
+
+    from .data import build_lm_datasets, load_raw_datasets
+    from .evaluate import data_arguments_of
+    from .refine import refine
+
+    data_args = data_args or data_arguments_of(run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    train = build_lm_datasets(load_raw_datasets(data_args), tokenizer, data_args)["train"]
+    return refine(model, train, steps, learning_rate)

@@ -7,7 +7,6 @@ and ``signlock_stats.json``. The same code runs under ``accelerate launch`` on s
 from __future__ import annotations
 
 import dataclasses
-
 import json
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -254,3 +254,30 @@ def test_loading_without_hf_signlock_fails_loudly(tmp_path):
                            capture_output=True, text=True, timeout=120, check=False)
     assert quiet.returncode == 0, quiet.stderr[-3000:]
     assert "LOAD REPORT" not in quiet.stderr  # with hf_signlock imported the guards are expected: no warnings
+
+
+def test_refinement_trains_tables_and_keeps_signs(tmp_path):
+    from datasets import Dataset
+
+    from hf_signlock.evaluate import perplexity
+    from hf_signlock.refine import refine
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=32)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    targets = apply_gap_init(model, seed=SEED, gap=0.5)
+    with torch.no_grad():
+        for t in targets:
+            t.param.add_(torch.randn_like(t.param) * t.init_std * 0.3)
+    before = dense_weights(model)
+    blocks = torch.arange(32).repeat(40)[: 40 * 16].view(40, 16) % 32  # a learnable, periodic language
+    data = Dataset.from_dict({"input_ids": blocks.tolist(), "labels": blocks.tolist()})
+    quantize_model(model, SignLockConfig(seed=SEED, codec="vq", codec_params={"bits": 4, "group": 8}))
+    start = perplexity(model, data)["eval_loss"]
+    report = refine(model, data, steps=30, learning_rate=3e-2, batch_size=8)
+    assert perplexity(model, data)["eval_loss"] < start - 0.1 and report["last_loss"] < report["first_loss"]
+    model.save_pretrained(tmp_path)
+    after = dense_weights(AutoModelForCausalLM.from_pretrained(tmp_path))  # checksums renewed: it loads
+    for name, weight in before.items():
+        assert torch.equal(torch.sign(after[name]), torch.sign(weight)), name

@@ -1,0 +1,74 @@
+"""Refinement of the magnitude codecs on calibration text, with every sign held fixed.
+
+After ``quantize_model``, the codec's floating tensors (codebooks, row scales, low-rank factors) become trainable in
+fp32; codes and flips stay as they are, the rest of the model is frozen. A few hundred AdamW steps on the LM loss
+pull the decoded magnitudes toward what the network needs, not toward |W|. The tensors are then stored back in
+their own dtype and each layer's checksum is renewed. Signs cannot move: they are multiplied in, not learned.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .compressed_linear import SignLockLinear, tensor_digest
+
+
+def _batches(dataset, batch_size: int, seed: int):
+    """Shuffled full batches, epoch after epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        for index in torch.randperm(len(dataset), generator=generator).split(batch_size):
+            if len(index) == batch_size:
+                yield dataset[index.tolist()]
+
+
+def trainable_codec_tensors(model: nn.Module) -> dict[str, tuple[SignLockLinear, str, torch.dtype]]:
+    found = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, SignLockLinear):
+            for name, tensor in module.magnitude_tensors().items():
+                if tensor.is_floating_point():
+                    found[f"{module_name}.{name}"] = (module, name, tensor.dtype)
+    return found
+
+
+def refine(model: nn.Module, dataset, steps: int, learning_rate: float = 1e-3, batch_size: int = 16,
+           seed: int = 0) -> dict:
+    """Train the codec tensors of ``model``'s SignLock layers for ``steps`` steps on ``dataset`` (LM blocks)."""
+    tensors = trainable_codec_tensors(model)
+    layers = {module for module, _, _ in tensors.values()}
+    for layer in layers:
+        layer.pinned_signs = layer.verify()  # decoded once (and checked) before the tables change
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    leaves = []
+    for module, name, _ in tensors.values():
+        leaf = getattr(module, name).detach().float().requires_grad_(True)
+        setattr(module, name, leaf)
+        leaves.append(leaf)
+    optimizer = torch.optim.AdamW(leaves, lr=learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    model.train()
+    losses = []
+    device = leaves[0].device if leaves else torch.device("cpu")
+    for step, batch in zip(range(steps), _batches(dataset, batch_size, seed)):
+        ids = torch.tensor(batch["input_ids"], device=device)
+        loss = model(input_ids=ids, labels=torch.tensor(batch["labels"], device=device)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(leaves, 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    model.eval()
+    with torch.no_grad():
+        for module, name, dtype in tensors.values():
+            setattr(module, name, getattr(module, name).detach().to(dtype))
+    for layer in layers:
+        layer.pinned_signs = None
+        layer.record["stored_checksum"] = tensor_digest(layer.stored_tensors())
+    return {"steps": steps, "learning_rate": learning_rate, "batch_size": batch_size, "loss": "lm",
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
