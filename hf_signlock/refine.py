@@ -25,6 +25,28 @@ def _batches(dataset, batch_size: int, seed: int):
                 yield dataset[index.tolist()]
 
 
+def train_steps(model: nn.Module, params: list[torch.Tensor], dataset, steps: int, learning_rate: float,
+                batch_size: int = 16, seed: int = 0) -> list[float]:
+    """``steps`` AdamW steps (cosine schedule, clip 1.0) of the LM loss on ``params``; returns the losses. Also
+    what the benchmarks give a dense model, so that refined exports are compared with equally trained references."""
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    model.train()
+    losses = []
+    device = params[0].device if params else torch.device("cpu")
+    for _, batch in zip(range(steps), _batches(dataset, batch_size, seed)):
+        ids = torch.tensor(batch["input_ids"], device=device)
+        loss = model(input_ids=ids, labels=torch.tensor(batch["labels"], device=device)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
 def trainable_codec_tensors(model: nn.Module) -> dict[str, tuple[SignLockLinear, str, torch.dtype]]:
     found = {}
     for module_name, module in model.named_modules():
@@ -49,20 +71,7 @@ def refine(model: nn.Module, dataset, steps: int, learning_rate: float = 1e-3, b
         leaf = getattr(module, name).detach().float().requires_grad_(True)
         setattr(module, name, leaf)
         leaves.append(leaf)
-    optimizer = torch.optim.AdamW(leaves, lr=learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    model.train()
-    losses = []
-    device = leaves[0].device if leaves else torch.device("cpu")
-    for step, batch in zip(range(steps), _batches(dataset, batch_size, seed)):
-        ids = torch.tensor(batch["input_ids"], device=device)
-        loss = model(input_ids=ids, labels=torch.tensor(batch["labels"], device=device)).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(leaves, 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
+    losses = train_steps(model, leaves, dataset, steps, learning_rate, batch_size, seed)
     model.eval()
     with torch.no_grad():
         for module, name, dtype in tensors.values():

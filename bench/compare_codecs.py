@@ -1,0 +1,186 @@
+"""Bits per weight vs perplexity of SignLock exports of the quickstart model, with their baselines, in one run.
+
+For each codec and total budget (1.0, 0.5, 0.25, 0.1 bits per target weight): the seed-sign export, refined for
+``--refine-steps`` steps on the training text with signs fixed. Beside each: what the same magnitudes cost with
+``packed`` signs (1 bit each) and with seed signs of the baseline recipe's model (no regulariser, more flips), and
+signed vector quantisation (codebooks over signed weights, as AQLM/VPTQ do) at the same total bits and the same
+refinement. The dense reference is given the same number of extra training steps, and both its perplexities are
+reported. Budgets a per-layer codec cannot reach on these small layers are listed as such.
+
+    python bench/compare_codecs.py [--refine-steps 200]   # needs runs/quickstart and runs/baseline (make quickstart baseline)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_signlock import SignLockConfig, SignLockConfigError, quantize_model
+from hf_signlock.bpw import RECORD_BITS, bits_report
+from hf_signlock.data import build_lm_datasets, load_raw_datasets
+from hf_signlock.evaluate import perplexity
+from hf_signlock.export import signs_of_run
+from hf_signlock.flip_coding import encode_flips
+from hf_signlock.magnitude_codecs import _grouped, _kmeans
+from hf_signlock.recipe import parse_recipe
+from hf_signlock.refine import refine, train_steps
+from hf_signlock.signs import reference_signs
+from hf_signlock.targets import find_target_modules
+
+ROOT = Path(__file__).resolve().parent.parent
+BUDGETS = (1.0, 0.5, 0.25, 0.1)
+CODECS = ("vq", "lowrank", "scale")
+
+
+class SignedVQLinear(nn.Module):
+    """Baseline: groups of signed weights replaced by the nearest of 2**bits codewords, per-row bf16 scales."""
+
+    def __init__(self, linear: nn.Linear, bits: int, group: int):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        self.shape, self.bias = weight.shape, linear.bias
+        scale = weight.abs().mean(dim=1).clamp_min(1e-12)
+        codebook, index = _kmeans(_grouped(weight / scale[:, None], group), 1 << bits, 25)
+        self.row_scale = nn.Parameter(scale.to(torch.bfloat16).float())
+        self.codebook = nn.Parameter(codebook.to(torch.bfloat16).float())
+        self.register_buffer("index", index)
+        groups = index.numel()
+        self.bits = groups * bits + 16 * (codebook.numel() + scale.numel()) + RECORD_BITS
+
+    def forward(self, x):
+        flat = self.codebook[self.index].reshape(-1)[: self.shape[0] * self.shape[1]]
+        return nn.functional.linear(x, flat.view(self.shape) * self.row_scale[:, None], self.bias)
+
+
+def signed_vq_params(shape, budget_bits):
+    """Largest codebook and smallest group that fit, as VectorCodec chooses (no flip bits to pay here)."""
+    for bits in (8, 6, 4, 2, 1):
+        for group in range(1, shape[1] + 1):
+            cost = math.ceil(shape[0] * shape[1] / group) * bits + 16 * ((1 << bits) * group + shape[0])
+            if cost <= budget_bits:
+                return bits, group
+    return None
+
+
+def signed_vq(model, budget: float):
+    total_bits = total_weights = 0
+    for name, module in find_target_modules(model, None).items():
+        numel = module.weight.numel()
+        params = signed_vq_params(tuple(module.weight.shape), budget * numel - RECORD_BITS)
+        if params is None:
+            raise SignLockConfigError(f"signed vq cannot fit {name} in {budget} bits per weight")
+        layer = SignedVQLinear(module, *params)
+        model.set_submodule(name, layer)
+        total_bits, total_weights = total_bits + layer.bits, total_weights + numel
+    return total_bits / total_weights
+
+
+def flip_bits_of(run_dir: Path, model) -> int:
+    """Bits of the coded flips of ``model``'s targets against the seeded signs of ``run_dir``."""
+    signs = signs_of_run(run_dir)
+    bits = 0
+    for name, module in find_target_modules(model, None).items():
+        weight = module.weight.detach()
+        reference = reference_signs(signs["seed"], f"{name}.weight", weight.shape, signs["sign_source"])
+        flips = torch.nonzero((torch.where(weight >= 0, 1, -1) != reference).reshape(-1)).reshape(-1).numpy()
+        bits += 8 * len(encode_flips(flips, weight.numel()))
+    return bits
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default=str(ROOT / "runs" / "quickstart"))
+    parser.add_argument("--baseline-run", default=str(ROOT / "runs" / "baseline"))
+    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "quickstart.yaml"))
+    parser.add_argument("--refine-steps", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    run, baseline_run = Path(args.run), Path(args.baseline_run)
+    data_args = parse_recipe(args.recipe, [])[1]
+    tokenizer = AutoTokenizer.from_pretrained(run)
+    lm = build_lm_datasets(load_raw_datasets(data_args), tokenizer, data_args)
+    train, held_out = lm["train"], lm["validation"]
+
+    def fresh():
+        return AutoModelForCausalLM.from_pretrained(run).eval()
+
+    started = time.perf_counter()
+    dense = fresh()
+    numel = sum(m.weight.numel() for m in find_target_modules(dense, None).values())
+    dense_ppl = perplexity(dense, held_out)["perplexity"]
+    train_steps(dense, [p for p in dense.parameters()], train, args.refine_steps, args.lr)
+    dense_extra_ppl = perplexity(dense, held_out)["perplexity"]
+    seed_flip_bits = flip_bits_of(run, fresh())
+    baseline_flip_bits = flip_bits_of(baseline_run, AutoModelForCausalLM.from_pretrained(baseline_run))
+    fair = min(dense_ppl, dense_extra_ppl)  # extra steps from a restarted optimizer can hurt: take the better one
+    rows = []
+    for codec in CODECS:
+        for budget in (BUDGETS if codec != "scale" else (None,)):
+            row = {"codec": codec, "budget": budget}
+            try:
+                model = quantize_model(fresh(), SignLockConfig(**signs_of_run(run), codec=codec, bits_per_weight=budget))
+            except SignLockConfigError as error:
+                rows.append({**row, "unreachable": str(error)})
+                print(codec, budget, "unreachable", flush=True)
+                continue
+            report = bits_report(model)
+            row["bpw"] = report["bpw"]
+            row["ppl_before_refine"] = perplexity(model, held_out)["perplexity"]
+            refine(model, train, args.refine_steps, args.lr)
+            row["ppl"] = perplexity(model, held_out)["perplexity"]
+            row["flip_bits_per_weight"] = report["total"]["flip_bits"] / numel
+            # The same magnitudes with packed signs, and with the baseline recipe's flips:
+            row["bpw_packed_signs"] = report["bpw"] + (numel - report["total"]["flip_bits"]) / numel
+            row["bpw_baseline_recipe"] = report["bpw"] + (baseline_flip_bits - seed_flip_bits) / numel
+            rows.append(row)
+            print(row, flush=True)
+    for budget in BUDGETS:
+        row = {"codec": "signed vq (baseline)", "budget": budget}
+        model = fresh()
+        try:
+            row["bpw"] = signed_vq(model, budget)
+        except SignLockConfigError as error:
+            rows.append({**row, "unreachable": str(error)})
+            continue
+        row["ppl_before_refine"] = perplexity(model, held_out)["perplexity"]
+        params = [p for n, p in model.named_parameters() if n.endswith(("codebook", "row_scale"))]
+        for p in model.parameters():
+            p.requires_grad_(any(p is q for q in params))
+        train_steps(model, params, train, args.refine_steps, args.lr)
+        row["ppl"] = perplexity(model, held_out)["perplexity"]
+        rows.append(row)
+        print(row, flush=True)
+    result = {"dense_ppl_fair": fair, "dense_ppl": dense_ppl, "dense_ppl_extra_steps": dense_extra_ppl, "refine_steps": args.refine_steps,
+              "learning_rate": args.lr, "target_weights": numel, "seed_flip_bits": seed_flip_bits,
+              "baseline_recipe_flip_bits": baseline_flip_bits, "rows": rows, "wall_s": time.perf_counter() - started}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "codecs.json").write_text(json.dumps(result, indent=2))
+    lines = [f"# SignLock exports of the quickstart model ({numel:,} target weights), {args.refine_steps} refinement "
+             f"steps\n", f"Dense: perplexity {dense_ppl:.2f}; with the same {args.refine_steps} extra steps (the fair "
+             f"reference): {dense_extra_ppl:.2f}; ratios use the better of the two, {fair:.2f}. Coded flips: {seed_flip_bits / numel:.4f} bits per weight "
+             f"(quickstart), {baseline_flip_bits / numel:.4f} (baseline recipe, no regulariser).\n",
+             "| codec | budget | bpw | ppl before refine | ppl | ppl / dense | bpw with packed signs | "
+             "bpw with the baseline recipe's flips |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "unreachable" in r:
+            lines.append(f"| {r['codec']} | {r['budget']} | unreachable: {r['unreachable'][:90]} | | | | | |")
+            continue
+        lines.append(f"| {r['codec']} | {r['budget']} | {r['bpw']:.3f} | {r['ppl_before_refine']:.2f} | {r['ppl']:.2f} | "
+                     f"{r['ppl'] / fair:.3f} | {r.get('bpw_packed_signs', float('nan')):.3f} | "
+                     f"{r.get('bpw_baseline_recipe', float('nan')):.3f} |")
+    (out / "codecs.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
