@@ -14,6 +14,10 @@ def pack_uint(values: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def unpack_uint(packed: torch.Tensor, width: int, count: int) -> torch.Tensor:
+    if width in (8, 16) and packed.numel() * 8 >= count * width:  # whole bytes: a view, no bit loop
+        dtype = np.uint8 if width == 8 else np.dtype("<u2")
+        values = np.frombuffer(packed.cpu().numpy().tobytes(), dtype=dtype, count=count)
+        return torch.from_numpy(values.astype(np.int64))
     bits = np.unpackbits(packed.cpu().numpy(), count=count * width, bitorder="little").reshape(count, width)
     weights = np.uint64(1) << np.arange(width, dtype=np.uint64)
     return torch.from_numpy((bits.astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64).astype(np.int64))

@@ -19,7 +19,7 @@ from torch import nn
 from .errors import CorruptCheckpointError
 from .flip_coding import decode_flips
 from .magnitude_codecs import make_codec
-from .reference import pack_signs, unpack_signs
+from .reference import unpack_signs
 from .signs import reference_signs
 
 _DTYPES = {str(t).removeprefix("torch."): t for t in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
@@ -36,7 +36,8 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def sign_digest(signs: torch.Tensor) -> str:
-    return hashlib.blake2b(pack_signs(signs).cpu().numpy().tobytes(), digest_size=8).hexdigest()
+    bits = np.packbits(signs.reshape(-1).cpu().numpy() > 0, bitorder="little")  # = pack_signs, in one numpy pass
+    return hashlib.blake2b(bits.tobytes(), digest_size=8).hexdigest()
 
 
 class SignLockLinear(nn.Module):

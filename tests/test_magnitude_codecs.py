@@ -75,3 +75,13 @@ def test_bad_parameters_and_budgets_are_named():
         make_codec("vq").choose(SHAPE, 0.1 * math.prod(SHAPE))
     with pytest.raises(SignLockConfigError, match="Unknown magnitude codec 'zip'"):
         make_codec("zip")
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 4, 7, 8, 12, 16])
+def test_bitpack_round_trip(width):
+    from hf_signlock.bitpack import pack_uint, packed_bytes, unpack_uint
+
+    values = torch.randint(0, 1 << width, (1001,), generator=torch.Generator().manual_seed(width))
+    packed = pack_uint(values, width)
+    assert packed.numel() == packed_bytes(1001, width)
+    assert torch.equal(unpack_uint(packed, width, 1001), values)
