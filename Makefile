@@ -17,7 +17,7 @@ setup: $(STAMP)
 
 quickstart: setup
 	$(BIN)/hf-signlock train --config recipes/quickstart.yaml
-	$(BIN)/hf-signlock export runs/quickstart runs/quickstart-vq1 --codec vq --bits-per-weight 1.0
+	$(BIN)/hf-signlock export runs/quickstart runs/quickstart-vq1 --codec vq --bits-per-weight 1.0 --refine-steps 200
 	$(BIN)/hf-signlock evaluate runs/quickstart-vq1
 	$(BIN)/hf-signlock inspect runs/quickstart-vq1
 
