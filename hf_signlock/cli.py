@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     export = commands.add_parser("export", help="Compress a trained model folder into a sub-bit SignLock checkpoint.")
     export.add_argument("run_dir", help="a training run's output folder (model, tokenizer, signlock_stats.json)")
     export.add_argument("out_dir")
-    export.add_argument("--codec", default="exact", help="magnitude codec: exact, scale, lowrank, vq")
+    export.add_argument("--codec", default="vq", help="magnitude codec: vq (default), lowrank, scale, exact (lossless)")
     export.add_argument("--bits-per-weight", type=float, default=None,
                         help="total budget per target weight (signs + magnitudes + tables); the codec fits it")
     export.add_argument("--codec-params", default=None, help='JSON, e.g. \'{"bits": 8, "group": 16}\' for vq')
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="override the run's sign source (packed: explicit 1-bit signs)")
     export.add_argument("--refine-steps", type=int, default=0,
                         help="train the codec's tables on the run's training text for N steps, signs fixed")
-    export.add_argument("--refine-lr", type=float, default=1e-3)
+    export.add_argument("--refine-lr", type=float, default=3e-3)
     export.add_argument("--keep-compressed", action="store_true",
                         help="load as compressed modules that rebuild their weight when used, not dense Linear")
     push = commands.add_parser("push", help="Upload an export (model, tokenizer, bpw.json) with its model card.")

@@ -118,7 +118,7 @@ def signs_of_run(run_dir: str | os.PathLike) -> dict:
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: str = "exact",
                codec_params: dict | None = None, bits_per_weight: float | None = None, sign_source: str | None = None,
-               dequantize: bool = True, refine_steps: int = 0, refine_learning_rate: float = 1e-3,
+               dequantize: bool = True, refine_steps: int = 0, refine_learning_rate: float = 3e-3,
                data_args=None) -> dict:
     """Compress a trained model folder into ``out_dir`` (model, tokenizer, ``bpw.json``); returns the bpw report."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -53,8 +53,26 @@ class MagnitudeCodec:
         raise NotImplementedError
 
 
-class ExactCodec(MagnitudeCodec):
+class _FixedSizeCodec(MagnitudeCodec):
+    """A codec whose size is set by the layer's shape: a budget it cannot meet is an error, not ignored."""
+
+    def size_bits(self, shape) -> int:
+        raise NotImplementedError
+
+    def choose(self, shape, budget_bits):
+        if budget_bits is not None and self.size_bits(shape) > budget_bits:
+            raise SignLockConfigError(
+                f"codec {self.name!r} stores {self.size_bits(shape)} bits for a {shape[0]}x{shape[1]} layer, over its "
+                f"budget of {budget_bits:.0f}. Drop the bits-per-weight budget, or use 'vq' or 'lowrank', which fit one."
+            )
+        return {}
+
+
+class ExactCodec(_FixedSizeCodec):
     name = "exact"
+
+    def size_bits(self, shape):
+        return 32 * shape[0] * shape[1]  # at most: fp32 magnitudes
 
     def encode(self, magnitude, params):
         return {"magnitude": magnitude.contiguous()}
@@ -72,8 +90,11 @@ def _leading_factors(magnitude: torch.Tensor, rank: int) -> tuple[torch.Tensor, 
     return u[:, :rank] * root, vh[:rank].T * root
 
 
-class ScaleCodec(MagnitudeCodec):
+class ScaleCodec(_FixedSizeCodec):
     name = "scale"
+
+    def size_bits(self, shape):
+        return _BF16 * sum(shape)
 
     def encode(self, magnitude, params):
         rows, cols = _leading_factors(magnitude, 1)  # the Perron pair: one sign throughout, so abs() is exact

@@ -73,6 +73,8 @@ def test_bad_parameters_and_budgets_are_named():
         make_codec("lowrank").choose(SHAPE, 1000)
     with pytest.raises(SignLockConfigError, match="cannot fit a 128x352 layer"):
         make_codec("vq").choose(SHAPE, 0.1 * math.prod(SHAPE))
+    with pytest.raises(SignLockConfigError, match="codec 'scale' stores 7680 bits .* over its budget of 5000"):
+        make_codec("scale").choose(SHAPE, 5000)  # a fixed-size codec never ignores a budget it cannot meet
     with pytest.raises(SignLockConfigError, match="Unknown magnitude codec 'zip'"):
         make_codec("zip")
 
