@@ -14,28 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from timing import median_seconds
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hf_signlock import SignLockConfig, apply_gap_init, quantize_model
 from hf_signlock.bpw import bits_report, checkpoint_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def synthetic():
@@ -64,15 +53,15 @@ def measure(name: str, build, repeats: int) -> dict:
             quantize_model(model, SignLockConfig(seed=seed, codec="vq", bits_per_weight=1.0, dequantize=dequantize))
             model.save_pretrained(folder)
         bpw = bits_report(model)["bpw"]
-        dense_load = median_time(lambda: AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.bfloat16), repeats)
-        signlock_load = median_time(lambda: AutoModelForCausalLM.from_pretrained(packed_dir, dtype=torch.bfloat16),
+        dense_load = median_seconds(lambda: AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.bfloat16), repeats)
+        signlock_load = median_seconds(lambda: AutoModelForCausalLM.from_pretrained(packed_dir, dtype=torch.bfloat16),
                                     repeats)
         ids = torch.randint(0, 4096, (4, 128), generator=torch.Generator().manual_seed(0))
         dense_model = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
         compressed_model = AutoModelForCausalLM.from_pretrained(compressed_dir, dtype=torch.float32).eval()
         with torch.no_grad():
-            dense_forward = median_time(lambda: dense_model(ids), repeats)
-            compressed_forward = median_time(lambda: compressed_model(ids), repeats)
+            dense_forward = median_seconds(lambda: dense_model(ids), repeats)
+            compressed_forward = median_seconds(lambda: compressed_model(ids), repeats)
         return {
             "model": name, "bpw": bpw,
             "dense_bf16_bytes": checkpoint_bytes(dense_dir), "signlock_bytes": checkpoint_bytes(packed_dir),

@@ -21,11 +21,11 @@ import json
 import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from datasets import Dataset
+from timing import median_seconds
 from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArguments, default_data_collator
 from transformers.utils import logging
 
@@ -81,13 +81,7 @@ def component_costs(repeats: int = 30) -> dict:
         outward_drift(reference, 1.0).backward()
 
     def median_ms(fn):
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return 1000 * statistics.median(times)
+        return 1000 * median_seconds(fn, repeats)
 
     return {"drift_forward_backward_ms": median_ms(drift_step), "tracking_observe_ms": median_ms(lambda: tracker.observe(1))}
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from timing import median_seconds
 
 from hf_signlock import pack_signs, seeded_sign_bits, seeded_signs, unpack_signs
 
@@ -24,20 +23,8 @@ SHAPES = [(128, 128), (576, 1536), (1024, 1024), (2048, 5632), (4096, 4096)]
 
 
 def timed(fn, device: torch.device, repeats: int) -> float:
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(2):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    return median_seconds(fn, repeats, warmup=2, sync=sync)
 
 
 def cpu_name() -> str:
