@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_signlock import SignLockConfig, SignLockConfigError, quantize_model
 from hf_signlock.bpw import RECORD_BITS, bits_report
+from hf_signlock.compressed_linear import flip_positions
 from hf_signlock.data import build_lm_datasets, load_raw_datasets
 from hf_signlock.evaluate import perplexity
 from hf_signlock.export import signs_of_run
@@ -89,7 +90,7 @@ def flip_bits_of(run_dir: Path, model) -> int:
     for name, module in find_target_modules(model, None).items():
         weight = module.weight.detach()
         reference = reference_signs(signs["seed"], f"{name}.weight", weight.shape, signs["sign_source"])
-        flips = torch.nonzero((torch.where(weight >= 0, 1, -1) != reference).reshape(-1)).reshape(-1).numpy()
+        flips = flip_positions(torch.where(weight >= 0, 1, -1).to(torch.int8), reference)
         bits += 8 * len(encode_flips(flips, weight.numel()))
     return bits
 

@@ -141,9 +141,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: st
         AutoTokenizer.from_pretrained(run_dir).save_pretrained(out_dir)
     except (OSError, ValueError):
         logger.warning(f"{run_dir} has no tokenizer; exporting the model alone.")
-    for name in (STATS_NAME,):
-        if Path(run_dir, name).exists():
-            shutil.copy(Path(run_dir, name), Path(out_dir, "training_" + name))
+    if Path(run_dir, STATS_NAME).exists():  # the card and `evaluate` read the training run's figures from here
+        shutil.copy(Path(run_dir, STATS_NAME), Path(out_dir, "training_" + STATS_NAME))
     report = write_bpw(model, out_dir)
     if refinement is not None:
         report["refinement"] = refinement

@@ -21,15 +21,22 @@ CONFIGS = {
 SEED = 3
 
 
-def trained_model(arch: str):
-    """A seeded gap-init model whose weights then moved, so that some signs flipped (about 2%)."""
+def trained_model(arch: str, config=None, moved: float = 1.0):
+    """A seeded gap-init model whose weights then moved by ``moved`` init stds of noise, so that some signs
+    flipped (about 2% at 1.0)."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(CONFIGS[arch]()).eval()
+    model = AutoModelForCausalLM.from_config(config or CONFIGS[arch]()).eval()
     targets = apply_gap_init(model, seed=SEED, gap=0.5)
     with torch.no_grad():
         for t in targets:
-            t.param.add_(torch.randn_like(t.param) * t.init_std)
+            t.param.add_(torch.randn_like(t.param) * t.init_std * moved)
     return model
+
+
+def assert_same_signs(after: dict, before: dict):
+    """Every target weight kept its sign exactly (torch.sign: a zero must stay zero)."""
+    for name, weight in before.items():
+        assert torch.equal(torch.sign(after[name]), torch.sign(weight)), name
 
 
 def dense_weights(model):
@@ -72,9 +79,8 @@ def test_lossy_codec_keeps_every_sign(tmp_path, arch):
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     after = dense_weights(loaded)
-    for name, weight in before.items():
-        assert torch.equal(torch.where(after[name] >= 0, 1, -1), torch.where(weight >= 0, 1, -1)), name
-        assert not torch.equal(after[name], weight)  # the codec really is lossy: signs survive regardless
+    assert_same_signs(after, before)
+    assert not any(torch.equal(after[name], weight) for name, weight in before.items())  # the codec is lossy
 
 
 def _export(tmp_path, **overrides):
@@ -188,8 +194,7 @@ def test_export_cli_writes_bpw_and_inspect_reads_it(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "out")]) == 0
     assert "checkpoint on disk" in capsys.readouterr().out
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    for name, weight in dense_weights(model).items():
-        assert torch.equal(torch.sign(dense_weights(loaded)[name]), torch.sign(weight))
+    assert_same_signs(dense_weights(loaded), dense_weights(model))
 
 
 def test_export_without_seeded_init_uses_packed_signs(tmp_path):
@@ -214,14 +219,9 @@ def test_inspect_refuses_a_folder_without_bpw(tmp_path, capsys):
 def test_budget_is_met_in_total_and_signs_stay_exact(tmp_path, codec, budget):
     from hf_signlock.bpw import write_bpw
 
-    torch.manual_seed(0)
     config = LlamaConfig(hidden_size=128, intermediate_size=352, num_hidden_layers=1, num_attention_heads=4,
                          num_key_value_heads=4, vocab_size=64)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    targets = apply_gap_init(model, seed=SEED, gap=0.5)
-    with torch.no_grad():
-        for t in targets:
-            t.param.add_(torch.randn_like(t.param) * t.init_std * 0.3)
+    model = trained_model("llama", config, moved=0.3)
     before = dense_weights(model)
     quantize_model(model, SignLockConfig(seed=SEED, codec=codec, bits_per_weight=budget))
     report = write_bpw(model, tmp_path)
@@ -230,8 +230,7 @@ def test_budget_is_met_in_total_and_signs_stay_exact(tmp_path, codec, budget):
     assert report["bpw"] >= 0.6 * budget  # and mostly spent
     model.save_pretrained(tmp_path)
     after = dense_weights(AutoModelForCausalLM.from_pretrained(tmp_path))
-    for name, weight in before.items():
-        assert torch.equal(torch.sign(after[name]), torch.sign(weight)), name
+    assert_same_signs(after, before)
 
 
 def test_loading_without_hf_signlock_fails_loudly(tmp_path):
@@ -259,14 +258,9 @@ def test_refinement_trains_tables_and_keeps_signs(tmp_path):
     from hf_signlock.evaluate import perplexity
     from hf_signlock.refine import refine
 
-    torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                          num_key_value_heads=4, vocab_size=32)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    targets = apply_gap_init(model, seed=SEED, gap=0.5)
-    with torch.no_grad():
-        for t in targets:
-            t.param.add_(torch.randn_like(t.param) * t.init_std * 0.3)
+    model = trained_model("llama", config, moved=0.3)
     before = dense_weights(model)
     blocks = torch.arange(32).repeat(40)[: 40 * 16].view(40, 16) % 32  # a learnable, periodic language
     data = Dataset.from_dict({"input_ids": blocks.tolist(), "labels": blocks.tolist()})
@@ -276,5 +270,4 @@ def test_refinement_trains_tables_and_keeps_signs(tmp_path):
     assert perplexity(model, data)["eval_loss"] < start - 0.1 and report["last_loss"] < report["first_loss"]
     model.save_pretrained(tmp_path)
     after = dense_weights(AutoModelForCausalLM.from_pretrained(tmp_path))  # checksums renewed: it loads
-    for name, weight in before.items():
-        assert torch.equal(torch.sign(after[name]), torch.sign(weight)), name
+    assert_same_signs(after, before)
