@@ -61,6 +61,7 @@ class SignLockLinear(nn.Module):
         else:
             self._register("flips", torch.empty(record["flip_bytes"], dtype=torch.uint8, device=device))
         self.pinned_signs = None
+        self._table_owner = ()  # (layer,) holding the codebook this layer shares; a tuple so it is no submodule
         if record["bias"]:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=_DTYPES[record["dtype"]], device=device),
                                      requires_grad=False)
@@ -118,6 +119,8 @@ class SignLockLinear(nn.Module):
         if signs is None:  # refinement pins the decoded signs for its many forward passes
             signs = self.pinned_signs if self.pinned_signs is not None else self.decode_signs()
         stored = self.magnitude_tensors()
+        if self._table_owner:
+            stored["codebook"] = self._table_owner[0].codebook
         try:
             magnitude = self.codec.decode(stored, self.shape, self.codec_params)
         except (ValueError, IndexError, RuntimeError) as error:
@@ -143,6 +146,20 @@ class SignLockLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}, "
                 f"signs={self.config.sign_source}, codec={self.config.codec}, flips={self.record['flips']}")
+
+
+def link_shared_tables(layers) -> None:
+    """Point the layers that share a model-level codebook at the one layer that stores it."""
+    layers = list(layers)
+    owners = [layer for layer in layers if layer.codec_params.get("codebook_owner")]
+    for layer in layers:
+        if layer.codec_params.get("shared") and not layer.codec_params.get("codebook_owner"):
+            if len(owners) != 1:
+                raise CorruptCheckpointError(
+                    f"{layer.param_name}: shares a vq codebook, but {len(owners)} layers of the checkpoint store one "
+                    "(exactly one must)"
+                )
+            layer._table_owner = (owners[0],)
 
 
 def flip_positions(trained_signs: torch.Tensor, reference: torch.Tensor) -> np.ndarray:

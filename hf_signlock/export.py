@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
 from .bpw import RECORD_BITS, write_bpw
-from .compressed_linear import SignLockLinear, flip_positions, sign_digest, tensor_digest
+from .compressed_linear import SignLockLinear, flip_positions, link_shared_tables, sign_digest, tensor_digest
 from .flip_coding import encode_flips
 from .magnitude_codecs import make_codec
 from .quant_config import SignLockConfig
@@ -35,49 +35,61 @@ def _layout(module: nn.Module) -> str:
     return "conv1d" if isinstance(module, Conv1D) else "linear"
 
 
-@torch.no_grad()
-def compress_layer(param_name: str, module: nn.Module, config: SignLockConfig) -> SignLockLinear:
-    weight = module.weight.detach().cpu()
+def _sign_tensors(param_name: str, weight: torch.Tensor, config: SignLockConfig) -> tuple[dict, dict]:
+    """The tensors that store the signs of ``weight`` (coded flips, or packed bits) and their record fields."""
     signs = torch.where(weight >= 0, 1, -1).to(torch.int8)
-    record = {"shape": list(weight.shape), "layout": _layout(module), "dtype": str(weight.dtype).removeprefix("torch."),
-              "bias": module.bias is not None}
     if config.sign_source == "packed":
-        sign_tensors = {"sign_bits": pack_signs(signs)}
-        record["flips"] = None
-    else:
-        reference = reference_signs(config.seed, param_name, weight.shape, config.sign_source, config.template_rank)
-        positions = flip_positions(signs, reference)
-        blob = encode_flips(positions, weight.numel())
-        sign_tensors = {"flips": torch.frombuffer(bytearray(blob), dtype=torch.uint8)}
-        record["flips"] = len(positions)
-        record["flip_bytes"] = len(blob)
-    codec = make_codec(config.codec, config.codec_params)
-    budget = None
-    if config.bits_per_weight is not None:  # what is left for magnitudes once signs, bias and record are paid
-        bias_bits = 0 if module.bias is None else module.bias.numel() * module.bias.element_size() * 8
-        sign_bits = 8 * sum(t.numel() for t in sign_tensors.values())
-        budget = config.bits_per_weight * weight.numel() - sign_bits - bias_bits - RECORD_BITS
-    record["codec_params"] = codec.choose(tuple(weight.shape), budget)
-    layer = SignLockLinear(param_name, record, config, device="cpu")
-    stored = {**codec.encode(weight.abs(), record["codec_params"]), **sign_tensors}
-    for name, tensor in stored.items():
-        setattr(layer, name, tensor)
-    if module.bias is not None:
-        layer.bias = nn.Parameter(module.bias.detach().cpu().clone(), requires_grad=False)
-    record["stored_checksum"] = tensor_digest(layer.stored_tensors())
-    record["sign_checksum"] = sign_digest(signs)
-    return layer.to(module.weight.device)
+        return {"sign_bits": pack_signs(signs)}, {"flips": None, "sign_checksum": sign_digest(signs)}
+    reference = reference_signs(config.seed, param_name, weight.shape, config.sign_source, config.template_rank)
+    positions = flip_positions(signs, reference)
+    blob = encode_flips(positions, weight.numel())
+    return ({"flips": torch.frombuffer(bytearray(blob), dtype=torch.uint8)},
+            {"flips": len(positions), "flip_bytes": len(blob), "sign_checksum": sign_digest(signs)})
 
 
+def _magnitude_budget(module: nn.Module, sign_tensors: dict, config: SignLockConfig) -> float | None:
+    """What a layer may spend on magnitudes once its signs, bias and record are paid."""
+    if config.bits_per_weight is None:
+        return None
+    bias_bits = 0 if module.bias is None else module.bias.numel() * module.bias.element_size() * 8
+    sign_bits = 8 * sum(t.numel() for t in sign_tensors.values())
+    return config.bits_per_weight * module.weight.numel() - sign_bits - bias_bits - RECORD_BITS
+
+
+@torch.no_grad()
 def quantize_model(model: nn.Module, config: SignLockConfig) -> nn.Module:
-    """Compress the target layers of ``model`` in place; returns the model."""
+    """Compress the target layers of ``model`` in place; returns the model.
+
+    Signs first (their cost sets each layer's magnitude budget), then the codec plans every layer's parameters at
+    once (a shared codebook is fitted over all layers), then each layer is encoded and swapped in."""
+    config.check_seed()
     modules = find_target_modules(model, config.target_modules)
+    weights = {f"{name}.weight": module.weight.detach().cpu() for name, module in modules.items()}
+    signs = {name: _sign_tensors(name, weight, config) for name, weight in weights.items()}
+    codec = make_codec(config.codec, config.codec_params)
+    plan = codec.plan({name: (tuple(weight.shape), _magnitude_budget(modules[name.removesuffix(".weight")],
+                                                                     signs[name][0], config))
+                       for name, weight in weights.items()})
+    encoded = codec.encode_all({name: (lambda w=weight: w.abs()) for name, weight in weights.items()}, plan)
     config.layers = {}
-    for module_name, module in modules.items():
-        param_name = f"{module_name}.weight"
-        layer = compress_layer(param_name, module, config)
-        config.layers[param_name] = layer.record
-        model.set_submodule(module_name, layer)
+    layers = []
+    for param_name, weight in weights.items():
+        module_name = param_name.removesuffix(".weight")
+        module = modules[module_name]
+        sign_tensors, sign_record = signs[param_name]
+        record = {"shape": list(weight.shape), "layout": _layout(module),
+                  "dtype": str(weight.dtype).removeprefix("torch."), "bias": module.bias is not None,
+                  "codec_params": plan[param_name], **sign_record}
+        layer = SignLockLinear(param_name, record, config, device="cpu")
+        for name, tensor in {**encoded.pop(param_name), **sign_tensors}.items():
+            setattr(layer, name, tensor)
+        if module.bias is not None:
+            layer.bias = nn.Parameter(module.bias.detach().cpu().clone(), requires_grad=False)
+        record["stored_checksum"] = tensor_digest(layer.stored_tensors())
+        config.layers[param_name] = record
+        layers.append(layer.to(module.weight.device))
+        model.set_submodule(module_name, layers[-1])
+    link_shared_tables(layers)
     from .quantizer import SignLockHfQuantizer
 
     model.config.quantization_config = config

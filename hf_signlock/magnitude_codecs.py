@@ -18,17 +18,20 @@ from __future__ import annotations
 import math
 
 import torch
+from transformers.utils import logging
 
 from .bitpack import pack_uint, packed_bytes, unpack_uint
 from .errors import SignLockConfigError
 
 _FLOOR = 1e-12  # decoded magnitudes never reach 0: a zero would erase the sign the flips paid for
 _BF16 = 16
+logger = logging.get_logger(__name__)
 
 
 class MagnitudeCodec:
     name = ""
     allowed: tuple[str, ...] = ()
+    floor: float | None = _FLOOR  # None: the codec stores signed values (the signed-VQ baseline in bench/)
 
     def __init__(self, **params):
         unknown = sorted(set(params) - set(self.allowed))
@@ -42,8 +45,19 @@ class MagnitudeCodec:
         """The parameters of one layer: the given ones, or the best that fit ``budget_bits``."""
         return dict(self.params)
 
+    def plan(self, layers: dict[str, tuple[tuple[int, int], float | None]]) -> dict[str, dict]:
+        """Parameters of every layer, from ``name -> (shape, budget_bits)``."""
+        return {name: self.choose(shape, budget) for name, (shape, budget) in layers.items()}
+
     def encode(self, magnitude: torch.Tensor, params: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def encode_all(self, magnitudes: dict, plan: dict[str, dict]) -> dict[str, dict[str, torch.Tensor]]:
+        """Encode every layer; ``magnitudes`` maps names to callables returning the matrix (made one at a time)."""
+        return {name: self.encode(magnitudes[name](), params) for name, params in plan.items()}
+
+    def _floored(self, decoded: torch.Tensor) -> torch.Tensor:
+        return decoded.clamp_min_(self.floor) if self.floor is not None else decoded
 
     def decode(self, stored: dict[str, torch.Tensor], shape: tuple[int, int], params: dict) -> torch.Tensor:
         raise NotImplementedError
@@ -101,7 +115,7 @@ class ScaleCodec(_FixedSizeCodec):
         return {"row_scale": rows[:, 0].abs().to(torch.bfloat16), "col_scale": cols[:, 0].abs().to(torch.bfloat16)}
 
     def decode(self, stored, shape, params):
-        return torch.outer(stored["row_scale"].float(), stored["col_scale"].float()).clamp_min_(_FLOOR)
+        return self._floored(torch.outer(stored["row_scale"].float(), stored["col_scale"].float()))
 
     def stored_specs(self, shape, dtype, params):
         return {"row_scale": ((shape[0],), torch.bfloat16), "col_scale": ((shape[1],), torch.bfloat16)}
@@ -130,7 +144,7 @@ class LowRankCodec(MagnitudeCodec):
         return {"left": left.to(torch.bfloat16).contiguous(), "right": right.to(torch.bfloat16).contiguous()}
 
     def decode(self, stored, shape, params):
-        return (stored["left"].float() @ stored["right"].float().T).clamp_min_(_FLOOR)
+        return self._floored(stored["left"].float() @ stored["right"].float().T)
 
     def stored_specs(self, shape, dtype, params):
         r = params["rank"]
@@ -139,40 +153,137 @@ class LowRankCodec(MagnitudeCodec):
 
 class VectorCodec(MagnitudeCodec):
     name = "vq"
-    allowed = ("bits", "group", "iterations")
-    _BITS = (8, 6, 4, 2)  # codebook sizes tried, largest first, when the budget chooses
+    allowed = ("bits", "group", "iterations", "row_scales", "shared")
+    _BITS = (8, 6, 4, 2, 1)  # codebook sizes tried, largest first, when the budget chooses
+    _ROW_SCALES = ("bf16", "log8", "layer")  # tried in this order: the cheaper forms free bits for small budgets
+    _SAMPLE = 1 << 16  # groups a shared codebook is fitted on (a fixed, seeded sample of all layers' groups)
 
     @staticmethod
-    def _bits(shape, bits: int, group: int) -> int:
+    def _scale_bits(shape, row_scales: str) -> int:
+        return {"bf16": _BF16 * shape[0], "log8": 8 * shape[0] + 2 * _BF16, "layer": _BF16}[row_scales]
+
+    @classmethod
+    def _bits(cls, shape, bits: int, group: int, row_scales: str = "bf16", codebook: bool = True) -> int:
         groups = math.ceil(shape[0] * shape[1] / group)
-        return 8 * packed_bytes(groups, bits) + _BF16 * ((1 << bits) * group + shape[0])
+        book = _BF16 * (1 << bits) * group if codebook else 0
+        return 8 * packed_bytes(groups, bits) + book + cls._scale_bits(shape, row_scales)
+
+    def _candidates(self, shape):
+        """(row_scales, bits, group) in order of preference: given parameters are fixed, the rest searched."""
+        scales = [self.params["row_scales"]] if "row_scales" in self.params else self._ROW_SCALES
+        bits = [int(self.params["bits"])] if self.params.get("bits") else self._BITS
+        groups = [int(self.params["group"])] if self.params.get("group") else range(1, 4 * shape[1] + 1)
+        for row_scales in scales:
+            if row_scales not in self._ROW_SCALES:
+                raise SignLockConfigError(f"vq `row_scales` must be one of {self._ROW_SCALES}, got {row_scales!r}.")
+            for b in bits:
+                for g in groups:
+                    yield row_scales, b, g
+
+    def _extra(self) -> dict:
+        return {"iterations": int(self.params["iterations"])} if "iterations" in self.params else {}
 
     def choose(self, shape, budget_bits):
-        bits, group = self.params.get("bits"), self.params.get("group")
-        extra = {"iterations": int(self.params["iterations"])} if "iterations" in self.params else {}
-        if bits and group:
-            return {"bits": int(bits), "group": int(group), **extra}
-        if budget_bits is None:
+        explicit = self.params.get("bits") and self.params.get("group")
+        if budget_bits is None and not explicit:
             raise SignLockConfigError("codec 'vq' needs `bits` and `group` in codec_params or a bits-per-weight budget.")
-        candidates = [int(bits)] if bits else self._BITS
-        for b in candidates:
-            for g in ([int(group)] if group else range(1, shape[1] + 1)):
-                if self._bits(shape, b, g) <= budget_bits:
-                    return {"bits": b, "group": g, **extra}
+        for row_scales, b, g in self._candidates(shape):
+            if budget_bits is None or self._bits(shape, b, g, row_scales) <= budget_bits:
+                return {"bits": b, "group": g, "row_scales": row_scales, **self._extra()}
         raise SignLockConfigError(
-            f"codec 'vq' cannot fit a {shape[0]}x{shape[1]} layer in {budget_bits:.0f} bits (its codebook and row "
-            "scales alone need more). Raise the bits per weight."
+            f"codec 'vq' cannot fit a {shape[0]}x{shape[1]} layer in {budget_bits:.0f} bits with a codebook of its "
+            "own. Raise the bits per weight, or share one codebook across layers: codec_params {\"shared\": true}."
         )
 
-    def encode(self, magnitude, params):
-        scale = magnitude.float().mean(dim=1).clamp_min(_FLOOR).to(torch.bfloat16)
-        vectors = _grouped(magnitude.float() / scale.float()[:, None], params["group"])
+    def plan(self, layers):
+        shared = self.params.get("shared")
+        if not shared:
+            try:
+                return super().plan(layers)
+            except SignLockConfigError:
+                if shared is False or any(budget is None for _, budget in layers.values()):
+                    raise
+                logger.info("vq: per-layer codebooks do not fit the budget; sharing one codebook across layers")
+        return self._plan_shared(layers)
+
+    def _plan_shared(self, layers):
+        """One codebook for every layer, stored by the first (in name order): its bits are charged to each layer
+        in proportion to its weights, so every layer's share of the total stays within its budget."""
+        total = sum(math.prod(shape) for shape, _ in layers.values())
+        widest = max(layers.values(), key=lambda item: item[0][1])[0]
+        owner = min(layers)
+        seen = set()
+        for _, b, g in self._candidates(widest):
+            if (b, g) in seen:
+                continue
+            seen.add((b, g))
+            book = _BF16 * (1 << b) * g
+            plan = {}
+            for name, (shape, budget) in layers.items():
+                share = book * math.prod(shape) / total
+                fits = [s for s in self._ROW_SCALES if self.params.get("row_scales", s) == s and
+                        (budget is None or self._bits(shape, b, g, s, codebook=False) + share <= budget)]
+                if not fits:
+                    break
+                plan[name] = {"bits": b, "group": g, "row_scales": fits[0], "shared": True, **self._extra()}
+            else:
+                plan[owner]["codebook_owner"] = True
+                return plan
+        raise SignLockConfigError(
+            "codec 'vq' cannot fit the budget even with one codebook shared by all layers (the codes, the layer "
+            "scales and the layer records alone need more). Raise the bits per weight."
+        )
+
+    def _normalise(self, magnitude: torch.Tensor, params: dict):
+        """Row scales as stored, and the vectors they leave to the codebook."""
+        magnitude = magnitude.float()
+        mode = params.get("row_scales", "bf16")
+        mean = magnitude.abs().mean(dim=1) if mode != "layer" else magnitude.abs().mean().reshape(1)
+        mean = mean.clamp_min(_FLOOR)
+        if mode == "log8":
+            log = mean.log()
+            bounds = torch.stack([log.min(), log.max()]).to(torch.bfloat16)
+            step = (bounds[1].float() - bounds[0].float()) / 255
+            code = ((log - bounds[0].float()) / step.clamp_min(_FLOOR)).round().clamp_(0, 255).to(torch.uint8)
+            stored = {"row_scale_code": code, "row_scale_range": bounds}
+        else:
+            stored = {"row_scale": mean.to(torch.bfloat16)}
+        scale = self._row_scale(stored)
+        return stored, _grouped(magnitude / scale[:, None], params["group"])
+
+    @staticmethod
+    def _row_scale(stored) -> torch.Tensor:
+        if "row_scale" in stored:
+            return stored["row_scale"].float()
+        low, high = stored["row_scale_range"].float()
+        return (low + stored["row_scale_code"].float() * ((high - low) / 255)).exp()
+
+    def _finish(self, stored, codebook, index, params):
         size = 1 << params["bits"]
-        codebook, index = _kmeans(vectors, size, params.get("iterations", 25))
         if len(codebook) < size:  # fewer groups than codewords: unused rows keep the stored shape fixed
             codebook = torch.cat([codebook, codebook[-1:].expand(size - len(codebook), -1)])
-        return {"row_scale": scale, "codebook": codebook.to(torch.bfloat16),
-                "codes": pack_uint(index, params["bits"])}
+        stored["codes"] = pack_uint(index, params["bits"])
+        if not params.get("shared") or params.get("codebook_owner"):
+            stored["codebook"] = codebook.to(torch.bfloat16)
+        return stored
+
+    def encode(self, magnitude, params):
+        stored, vectors = self._normalise(magnitude, params)
+        codebook, index = _kmeans(vectors, 1 << params["bits"], params.get("iterations", 25))
+        return self._finish(stored, codebook, index, params)
+
+    def encode_all(self, magnitudes, plan):
+        if not any(params.get("shared") for params in plan.values()):
+            return super().encode_all(magnitudes, plan)
+        normalised = {name: self._normalise(magnitudes[name](), params) for name, params in plan.items()}
+        vectors = torch.cat([v for _, v in normalised.values()])
+        if len(vectors) > self._SAMPLE:
+            vectors = vectors[torch.randperm(len(vectors), generator=torch.Generator().manual_seed(0))[: self._SAMPLE]]
+        params = next(iter(plan.values()))
+        codebook, _ = _kmeans(vectors, 1 << params["bits"], params.get("iterations", 25))
+        codebook = codebook.to(torch.bfloat16).float()  # assign against the codebook as it will be stored
+        return {name: self._finish(stored, codebook, _nearest(v, codebook), plan[name])
+                for name, (stored, v) in normalised.items()}
 
     def decode(self, stored, shape, params):
         groups = math.ceil(shape[0] * shape[1] / params["group"])
@@ -180,13 +291,19 @@ class VectorCodec(MagnitudeCodec):
         if int(index.max()) >= stored["codebook"].shape[0]:
             raise ValueError("a vq code points past the codebook")
         flat = stored["codebook"].float()[index].reshape(-1)[: shape[0] * shape[1]]
-        return (flat.view(shape) * stored["row_scale"].float()[:, None]).clamp_min_(_FLOOR)
+        return self._floored(flat.view(shape) * self._row_scale(stored)[:, None])
 
     def stored_specs(self, shape, dtype, params):
         groups = math.ceil(shape[0] * shape[1] / params["group"])
-        return {"row_scale": ((shape[0],), torch.bfloat16),
-                "codebook": (((1 << params["bits"]), params["group"]), torch.bfloat16),
-                "codes": ((packed_bytes(groups, params["bits"]),), torch.uint8)}
+        mode = params.get("row_scales", "bf16")
+        if mode == "log8":
+            specs = {"row_scale_code": ((shape[0],), torch.uint8), "row_scale_range": ((2,), torch.bfloat16)}
+        else:
+            specs = {"row_scale": ((shape[0] if mode == "bf16" else 1,), torch.bfloat16)}
+        specs["codes"] = ((packed_bytes(groups, params["bits"]),), torch.uint8)
+        if not params.get("shared") or params.get("codebook_owner"):
+            specs["codebook"] = (((1 << params["bits"]), params["group"]), torch.bfloat16)
+        return specs
 
 
 def _grouped(matrix: torch.Tensor, group: int) -> torch.Tensor:
@@ -203,11 +320,16 @@ def _kmeans(vectors: torch.Tensor, k: int, iterations: int) -> tuple[torch.Tenso
     order = vectors.norm(dim=1).argsort()
     centroids = vectors[order[torch.linspace(0, len(order) - 1, k).long()]].clone()
     for _ in range(iterations):
-        index = torch.cdist(vectors, centroids).argmin(dim=1)
+        index = _nearest(vectors, centroids)
         sums = torch.zeros_like(centroids).index_add_(0, index, vectors)
         counts = torch.bincount(index, minlength=k).unsqueeze(1)
         centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
-    return centroids, torch.cdist(vectors, centroids).argmin(dim=1)
+    return centroids, _nearest(vectors, centroids)
+
+
+def _nearest(vectors: torch.Tensor, centroids: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
+    """Index of the nearest centroid of each vector, in chunks (a full distance matrix can be gigabytes)."""
+    return torch.cat([torch.cdist(part, centroids).argmin(dim=1) for part in vectors.split(chunk)])
 
 
 CODECS = {codec.name: codec for codec in (ExactCodec, ScaleCodec, LowRankCodec, VectorCodec)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from transformers.quantizers import auto as quantizers_auto
 from transformers.quantizers import register_quantization_config
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -36,7 +37,8 @@ class SignLockConfig(QuantizationConfigMixin):
             "lowrank"); parameters left out are chosen per layer to fit ``bits_per_weight``.
         bits_per_weight: total budget per target weight (signs, magnitudes, bias and records all counted).
         dequantize: load as dense ``nn.Linear`` (True) or keep compressed modules that rebuild their weight when
-            used (False).
+            used (False). Chosen at export; a loader overrides it with
+            ``from_pretrained(repo, quantization_config=SignLockConfig(dequantize=...))``.
         layers: filled by export: per-layer records (shape, flips, checksums); not set by hand.
     """
 
@@ -70,6 +72,10 @@ class SignLockConfig(QuantizationConfigMixin):
             raise SignLockConfigError(f"`codec` must be one of {CODECS}, got {self.codec!r}.")
         if self.bits_per_weight is not None and not self.bits_per_weight > 0:
             raise SignLockConfigError(f"`bits_per_weight` must be > 0, got {self.bits_per_weight}.")
+        if self.layers:  # a checkpoint's config; a bare one may only carry loading attributes (see below)
+            self.check_seed()
+
+    def check_seed(self):
         if self.sign_source != "packed" and self.seed is None:
             raise SignLockConfigError(
                 f"`sign_source={self.sign_source!r}` regenerates signs from a seed: pass `seed` (the run's sign_seed), "
@@ -77,9 +83,18 @@ class SignLockConfig(QuantizationConfigMixin):
             )
 
     def get_loading_attributes(self) -> dict[str, Any]:
-        # What a user may change when loading a pre-quantized checkpoint: the form of the loaded modules.
+        """What ``from_pretrained(..., quantization_config=SignLockConfig(dequantize=False))`` changes in a
+        checkpoint's config: the form of the loaded modules. Everything else comes from the checkpoint."""
         return {"dequantize": self.dequantize}
+
+
+def _accept_loading_attributes():
+    """transformers applies loading attributes only for the config classes in this tuple; add ours."""
+    if SignLockConfig not in quantizers_auto.LOADING_ATTRIBUTES_CONFIG_TYPES:
+        quantizers_auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*quantizers_auto.LOADING_ATTRIBUTES_CONFIG_TYPES,
+                                                           SignLockConfig)
 
 
 if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:  # a module reload must not register twice
     register_quantization_config(QUANT_METHOD)(SignLockConfig)
+_accept_loading_attributes()

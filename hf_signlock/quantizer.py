@@ -21,7 +21,7 @@ import torch
 from transformers.quantizers import HfQuantizer, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 
-from .compressed_linear import SignLockLinear
+from .compressed_linear import SignLockLinear, link_shared_tables
 from .errors import CorruptCheckpointError
 from .export import dense_module
 from .quant_config import QUANT_METHOD
@@ -56,12 +56,12 @@ class SignLockHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         dtype = model.get_input_embeddings().weight.dtype  # the dtype the model was loaded in
-        for module_name, module in list(model.named_modules()):
-            if not isinstance(module, SignLockLinear):
-                continue
-            signs = module.verify()
-            if self.quantization_config.dequantize:
-                model.set_submodule(module_name, dense_module(module, module.decode_weight(signs).to(dtype)))
+        layers = {name: module for name, module in model.named_modules() if isinstance(module, SignLockLinear)}
+        link_shared_tables(layers.values())
+        signs = {name: layer.verify() for name, layer in layers.items()}  # every layer checked before any is used
+        if self.quantization_config.dequantize:
+            for name, layer in layers.items():
+                model.set_submodule(name, dense_module(layer, layer.decode_weight(signs.pop(name)).to(dtype)))
         return model
 
     def get_state_dict_and_metadata(self, model):

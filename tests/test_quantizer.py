@@ -146,7 +146,9 @@ def test_unknown_format_or_codec_is_refused(tmp_path, edit, message):
 
 def test_seed_required_unless_packed():
     with pytest.raises(SignLockConfigError, match="pass `seed`"):
-        SignLockConfig(sign_source="seed")
+        quantize_model(trained_model("llama"), SignLockConfig(sign_source="seed"))
+    with pytest.raises(SignLockConfigError, match="pass `seed`"):  # a checkpoint's config without its seed
+        SignLockConfig(sign_source="seed", layers={"model.layers.0.mlp.up_proj.weight": {}})
 
 
 @pytest.mark.parametrize("codec", ["exact", "scale"])
@@ -231,6 +233,38 @@ def test_budget_is_met_in_total_and_signs_stay_exact(tmp_path, codec, budget):
     model.save_pretrained(tmp_path)
     after = dense_weights(AutoModelForCausalLM.from_pretrained(tmp_path))
     assert_same_signs(after, before)
+
+
+def test_shared_codebook_export_round_trips_and_needs_its_owner(tmp_path):
+    """At 0.1 bpw the layers of this model cannot each keep a codebook: one is shared, stored by the first layer."""
+    from hf_signlock.bpw import write_bpw
+
+    config = LlamaConfig(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=64)
+    model = trained_model("llama", config, moved=0.1)  # no flips, as with the regulariser: 0.1 bpw is reachable
+    before = dense_weights(model)
+    quantize_model(model, SignLockConfig(seed=SEED, codec="vq", bits_per_weight=0.1, dequantize=False))
+    owners = [name for name, record in model.config.quantization_config.layers.items()
+              if record["codec_params"].get("codebook_owner")]
+    assert owners == ["model.layers.0.mlp.down_proj.weight"]  # the first target in name order
+    assert all(r["codec_params"]["shared"] for r in model.config.quantization_config.layers.values())
+    report = write_bpw(model, tmp_path)
+    assert 0.05 < report["bpw"] <= 0.1
+    logits = model(IDS).logits
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(loaded(IDS).logits, logits)
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=SignLockConfig(dequantize=True))
+    assert not any(isinstance(m, SignLockLinear) for m in dense.modules())  # the loader's choice wins
+    assert_same_signs(dense_weights(dense), before)
+    tensors = load_file(tmp_path / "model.safetensors")
+    _add_one(tensors, "model.layers.0.mlp.down_proj.codebook")  # the shared codebook is checked with its owner
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CorruptCheckpointError, match=r"model\.layers\.0\.mlp\.down_proj\.weight: the stored tensors"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    _edit_config(tmp_path, lambda q: q["layers"][owners[0]]["codec_params"].pop("codebook_owner"))
+    with pytest.raises(CorruptCheckpointError, match="shares a vq codebook, but 0 layers"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
 def test_loading_without_hf_signlock_fails_loudly(tmp_path):
