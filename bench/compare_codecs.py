@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from hf_signlock.data import build_lm_datasets, load_raw_datasets
 from hf_signlock.evaluate import perplexity
 from hf_signlock.export import signs_of_run
 from hf_signlock.flip_coding import encode_flips
-from hf_signlock.magnitude_codecs import _grouped, _kmeans
+from hf_signlock.magnitude_codecs import VectorCodec
 from hf_signlock.recipe import parse_recipe
 from hf_signlock.refine import refine, train_steps
 from hf_signlock.signs import reference_signs
@@ -40,47 +39,59 @@ BUDGETS = (1.0, 0.5, 0.25, 0.1)
 CODECS = ("vq", "lowrank", "scale")
 
 
-class SignedVQLinear(nn.Module):
-    """Baseline: groups of signed weights replaced by the nearest of 2**bits codewords, per-row bf16 scales."""
+class SignedVectorCodec(VectorCodec):
+    """The baseline's codec: vq's machinery (row scales, k-means codebooks, shared when per-layer ones do not
+    fit) over the signed weights, as AQLM/VPTQ quantise them, so both sides get the same table formats."""
 
-    def __init__(self, linear: nn.Linear, bits: int, group: int):
+    floor = None
+
+
+class SignedVQLinear(nn.Module):
+    """A layer of signed vq: its tables trainable (fp32) for the same refinement the seed-sign exports get."""
+
+    def __init__(self, linear: nn.Linear, codec: SignedVectorCodec, stored: dict, params: dict):
         super().__init__()
-        weight = linear.weight.detach().float()
-        self.shape, self.bias = weight.shape, linear.bias
-        scale = weight.abs().mean(dim=1).clamp_min(1e-12)
-        codebook, index = _kmeans(_grouped(weight / scale[:, None], group), 1 << bits, 25)
-        self.row_scale = nn.Parameter(scale.to(torch.bfloat16).float())
-        self.codebook = nn.Parameter(codebook.to(torch.bfloat16).float())
-        self.register_buffer("index", index)
-        groups = index.numel()
-        self.bits = groups * bits + 16 * (codebook.numel() + scale.numel()) + RECORD_BITS
+        self.shape, self.bias, self.codec, self.params = tuple(linear.weight.shape), linear.bias, codec, params
+        self.tables = nn.ParameterDict({name: nn.Parameter(t.float()) for name, t in stored.items()
+                                        if t.is_floating_point()})
+        for name, tensor in stored.items():
+            if not tensor.is_floating_point():
+                self.register_buffer(name, tensor)
+        self.owner = ()  # (layer,) holding the shared codebook, if this one does not
+        self.bits = sum(t.numel() * t.element_size() * 8 for t in stored.values()) + RECORD_BITS
 
     def forward(self, x):
-        flat = self.codebook[self.index].reshape(-1)[: self.shape[0] * self.shape[1]]
-        return nn.functional.linear(x, flat.view(self.shape) * self.row_scale[:, None], self.bias)
-
-
-def signed_vq_params(shape, budget_bits):
-    """Largest codebook and smallest group that fit, as VectorCodec chooses (no flip bits to pay here)."""
-    for bits in (8, 6, 4, 2, 1):
-        for group in range(1, shape[1] + 1):
-            cost = math.ceil(shape[0] * shape[1] / group) * bits + 16 * ((1 << bits) * group + shape[0])
-            if cost <= budget_bits:
-                return bits, group
-    return None
+        stored = {**dict(self.tables), "codes": self.codes, **({"row_scale_code": self.row_scale_code}
+                                                                if hasattr(self, "row_scale_code") else {})}
+        if self.owner:
+            stored["codebook"] = self.owner[0].tables["codebook"]
+        return nn.functional.linear(x, self.codec.decode(stored, self.shape, self.params), self.bias)
 
 
 def signed_vq(model, budget: float):
-    total_bits = total_weights = 0
-    for name, module in find_target_modules(model, None).items():
-        numel = module.weight.numel()
-        params = signed_vq_params(tuple(module.weight.shape), budget * numel - RECORD_BITS)
-        if params is None:
-            raise SignLockConfigError(f"signed vq cannot fit {name} in {budget} bits per weight")
-        layer = SignedVQLinear(module, *params)
-        model.set_submodule(name, layer)
-        total_bits, total_weights = total_bits + layer.bits, total_weights + numel
-    return total_bits / total_weights
+    """Replace the targets by signed vq at ``budget`` total bits per weight (no sign bits to pay); returns bpw."""
+    codec = SignedVectorCodec()
+    modules = {f"{name}.weight": module for name, module in find_target_modules(model, None).items()}
+    plan = codec.plan({name: (tuple(m.weight.shape), budget * m.weight.numel() - RECORD_BITS)
+                       for name, m in modules.items()})
+    encoded = codec.encode_all({name: (lambda m=m: m.weight.detach().float()) for name, m in modules.items()}, plan)
+    layers = {name: SignedVQLinear(m, codec, encoded[name], plan[name]) for name, m in modules.items()}
+    owner = [layer for name, layer in layers.items() if plan[name].get("codebook_owner")]
+    for name, layer in layers.items():
+        if plan[name].get("shared") and not plan[name].get("codebook_owner"):
+            layer.owner = (owner[0],)
+        model.set_submodule(name.removesuffix(".weight"), layer)
+    return sum(layer.bits for layer in layers.values()) / sum(m.weight.numel() for m in modules.values()), tables_of(plan.values())
+
+
+def tables_of(params) -> str:
+    """How the vq tables were stored: codebooks per layer or shared, and the row-scale forms used."""
+    params = list(params)
+    if not params or "bits" not in params[0]:
+        return ""
+    shared = "shared codebook" if params[0].get("shared") else "codebook per layer"
+    scales = sorted({p.get("row_scales", "bf16") for p in params})
+    return f"{shared}; row scales {'/'.join(scales)}; bits {sorted({p['bits'] for p in params})}"
 
 
 def flip_bits_of(run_dir: Path, model) -> int:
@@ -135,6 +146,7 @@ def main(argv=None):
                 continue
             report = bits_report(model)
             row["bpw"] = report["bpw"]
+            row["tables"] = tables_of(record["codec_params"] for record in model.config.quantization_config.layers.values())
             row["ppl_before_refine"] = perplexity(model, held_out)["perplexity"]
             refine(model, train, args.refine_steps, args.lr)
             row["ppl"] = perplexity(model, held_out)["perplexity"]
@@ -148,12 +160,12 @@ def main(argv=None):
         row = {"codec": "signed vq (baseline)", "budget": budget}
         model = fresh()
         try:
-            row["bpw"] = signed_vq(model, budget)
+            row["bpw"], row["tables"] = signed_vq(model, budget)
         except SignLockConfigError as error:
             rows.append({**row, "unreachable": str(error)})
             continue
         row["ppl_before_refine"] = perplexity(model, held_out)["perplexity"]
-        params = [p for n, p in model.named_parameters() if n.endswith(("codebook", "row_scale"))]
+        params = [p for n, p in model.named_parameters() if ".tables." in n]
         for p in model.parameters():
             p.requires_grad_(any(p is q for q in params))
         train_steps(model, params, train, args.refine_steps, args.lr)
@@ -171,14 +183,14 @@ def main(argv=None):
              f"reference): {dense_extra_ppl:.2f}; ratios use the better of the two, {fair:.2f}. Coded flips: {seed_flip_bits / numel:.4f} bits per weight "
              f"(quickstart), {baseline_flip_bits / numel:.4f} (baseline recipe, no regulariser).\n",
              "| codec | budget | bpw | ppl before refine | ppl | ppl / dense | bpw with packed signs | "
-             "bpw with the baseline recipe's flips |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "bpw with the baseline recipe's flips | vq tables |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if "unreachable" in r:
-            lines.append(f"| {r['codec']} | {r['budget']} | unreachable: {r['unreachable'][:90]} | | | | | |")
+            lines.append(f"| {r['codec']} | {r['budget']} | unreachable: {r['unreachable'][:90]} | | | | | | |")
             continue
         lines.append(f"| {r['codec']} | {r['budget']} | {r['bpw']:.3f} | {r['ppl_before_refine']:.2f} | {r['ppl']:.2f} | "
                      f"{r['ppl'] / fair:.3f} | {r.get('bpw_packed_signs', float('nan')):.3f} | "
-                     f"{r.get('bpw_baseline_recipe', float('nan')):.3f} |")
+                     f"{r.get('bpw_baseline_recipe', float('nan')):.3f} | {r.get('tables', '')} |")
     (out / "codecs.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -19,8 +19,8 @@ from torch import nn
 from .errors import CorruptCheckpointError
 from .flip_coding import decode_flips
 from .magnitude_codecs import make_codec
-from .reference import unpack_signs
-from .signs import reference_signs
+from .reference import pack_signs, unpack_signs
+from .signs import reference_signs, seeded_sign_bits
 
 _DTYPES = {str(t).removeprefix("torch."): t for t in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
 
@@ -36,8 +36,13 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def sign_digest(signs: torch.Tensor) -> str:
+    """Checksum of int8 signs: that of their packed bits."""
     bits = np.packbits(signs.reshape(-1).cpu().numpy() > 0, bitorder="little")  # = pack_signs, in one numpy pass
-    return hashlib.blake2b(bits.tobytes(), digest_size=8).hexdigest()
+    return bits_digest(torch.from_numpy(bits))
+
+
+def bits_digest(sign_bits: torch.Tensor) -> str:
+    return hashlib.blake2b(sign_bits.cpu().numpy().tobytes(), digest_size=8).hexdigest()
 
 
 class SignLockLinear(nn.Module):
@@ -80,23 +85,30 @@ class SignLockLinear(nn.Module):
 
     # --- decoding -------------------------------------------------------------------------------------------------
 
-    def decode_signs(self) -> torch.Tensor:
-        """int8 -1/+1 signs of the trained weight, in its stored shape."""
+    def packed_signs(self) -> torch.Tensor:
+        """The trained weight's signs, bit-packed (uint8, as ``pack_signs``): seeded bits with the flips toggled."""
         numel = math.prod(self.shape)
         if self.config.sign_source == "packed":
-            return unpack_signs(self.sign_bits.cpu(), self.shape)
+            return self.sign_bits.cpu()
         flips = decode_flips(self.flips.cpu().numpy().tobytes(), numel)
         if len(flips) != self.record["flips"]:
             raise CorruptCheckpointError(
                 f"{self.param_name}: the flip stream holds {len(flips)} flips, the config records {self.record['flips']}"
             )
-        signs = reference_signs(self.config.seed, self.param_name, self.shape, self.config.sign_source,
-                                self.config.template_rank).reshape(-1)
-        signs[torch.from_numpy(flips)] *= -1
-        return signs.view(self.shape)
+        if self.config.sign_source == "seed":
+            bits = seeded_sign_bits(self.config.seed, self.param_name, numel).numpy().copy()
+        else:
+            bits = pack_signs(reference_signs(self.config.seed, self.param_name, self.shape, self.config.sign_source,
+                                              self.config.template_rank)).numpy()
+        np.bitwise_xor.at(bits, flips >> 3, (1 << (flips & 7)).astype(np.uint8))  # positions are distinct
+        return torch.from_numpy(bits)
+
+    def decode_signs(self) -> torch.Tensor:
+        """int8 -1/+1 signs of the trained weight, in its stored shape."""
+        return unpack_signs(self.packed_signs(), self.shape)
 
     def verify(self) -> torch.Tensor:
-        """Check the stored tensors and the decoded signs; returns the signs."""
+        """Check the stored tensors and the decoded signs; returns the signs, bit-packed."""
         stored = self.stored_tensors()
         for name, tensor in stored.items():
             if tensor.device.type == "meta":
@@ -106,26 +118,29 @@ class SignLockLinear(nn.Module):
                 f"{self.param_name}: the stored tensors do not match the checksum recorded at export "
                 "(corrupted or truncated file, or a tensor from another checkpoint)"
             )
-        signs = self.decode_signs()
-        if sign_digest(signs) != self.record["sign_checksum"]:
+        sign_bits = self.packed_signs()
+        if bits_digest(sign_bits) != self.record["sign_checksum"]:
             raise CorruptCheckpointError(
                 f"{self.param_name}: the decoded signs do not match the checksum recorded at export; the seed "
                 f"({self.config.seed}) or sign source ({self.config.sign_source!r}) is not the one the model was "
                 "trained with"
             )
-        return signs
+        return sign_bits
 
-    def decode_weight(self, signs: torch.Tensor | None = None) -> torch.Tensor:
-        if signs is None:  # refinement pins the decoded signs for its many forward passes
-            signs = self.pinned_signs if self.pinned_signs is not None else self.decode_signs()
+    def decode_weight(self, sign_bits: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W = sign * |W|~ in ``dtype``; from ``sign_bits`` (packed) if given, else decoded now. While refinement
+        pins int8 signs (``pinned_signs``), the product is built with torch ops so gradients reach the tables."""
         stored = self.magnitude_tensors()
         if self._table_owner:
             stored["codebook"] = self._table_owner[0].codebook
         try:
-            magnitude = self.codec.decode(stored, self.shape, self.codec_params)
+            if self.pinned_signs is not None:
+                magnitude = self.codec.decode(stored, self.shape, self.codec_params)
+                return (self.pinned_signs.to(magnitude.device, magnitude.dtype) * magnitude).to(dtype)
+            sign_bits = self.packed_signs() if sign_bits is None else sign_bits
+            return self.codec.decode_signed(stored, self.shape, self.codec_params, sign_bits, dtype)
         except (ValueError, IndexError, RuntimeError) as error:
             raise CorruptCheckpointError(f"{self.param_name}: the {self.config.codec} magnitudes do not decode: {error}")
-        return signs.to(magnitude.device, magnitude.dtype) * magnitude
 
     @property
     def weight(self) -> torch.Tensor:

@@ -20,8 +20,10 @@ import math
 import torch
 from transformers.utils import logging
 
+from . import decode_kernel
 from .bitpack import pack_uint, packed_bytes, unpack_uint
 from .errors import SignLockConfigError
+from .reference import unpack_signs
 
 _FLOOR = 1e-12  # decoded magnitudes never reach 0: a zero would erase the sign the flips paid for
 _BF16 = 16
@@ -61,6 +63,11 @@ class MagnitudeCodec:
 
     def decode(self, stored: dict[str, torch.Tensor], shape: tuple[int, int], params: dict) -> torch.Tensor:
         raise NotImplementedError
+
+    def decode_signed(self, stored, shape, params, sign_bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The weight: ``decode`` times the signs (bit-packed, as ``pack_signs``), in ``dtype``."""
+        magnitude = self.decode(stored, shape, params)
+        return (unpack_signs(sign_bits.to(magnitude.device), shape).to(magnitude.dtype) * magnitude).to(dtype)
 
     def stored_specs(self, shape, dtype, params) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Name -> (shape, dtype) of each stored tensor, to build empty modules before loading."""
@@ -292,6 +299,15 @@ class VectorCodec(MagnitudeCodec):
             raise ValueError("a vq code points past the codebook")
         flat = stored["codebook"].float()[index].reshape(-1)[: shape[0] * shape[1]]
         return self._floored(flat.view(shape) * self._row_scale(stored)[:, None])
+
+    def decode_signed(self, stored, shape, params, sign_bits, dtype):
+        tensors = (stored["codes"], stored["codebook"], sign_bits, *(t for t in stored.values()))
+        if dtype in (torch.float32, torch.bfloat16) and decode_kernel.usable(*tensors) and self.floor is not None:
+            if stored["codebook"].shape != ((1 << params["bits"]), params["group"]):
+                raise ValueError("the vq codebook does not have the shape its parameters give")
+            return decode_kernel.vq_decode(stored["codes"], params["bits"], params["group"], stored["codebook"],
+                                           self._row_scale(stored), sign_bits, shape, self.floor, dtype)
+        return super().decode_signed(stored, shape, params, sign_bits, dtype)
 
     def stored_specs(self, shape, dtype, params):
         groups = math.ceil(shape[0] * shape[1] / params["group"])

@@ -61,7 +61,7 @@ class SignLockHfQuantizer(HfQuantizer):
         signs = {name: layer.verify() for name, layer in layers.items()}  # every layer checked before any is used
         if self.quantization_config.dequantize:
             for name, layer in layers.items():
-                model.set_submodule(name, dense_module(layer, layer.decode_weight(signs.pop(name)).to(dtype)))
+                model.set_submodule(name, dense_module(layer, layer.decode_weight(signs.pop(name), dtype)))
         return model
 
     def get_state_dict_and_metadata(self, model):

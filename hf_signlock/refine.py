@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .compressed_linear import SignLockLinear, tensor_digest
+from .reference import unpack_signs
 
 
 def _batches(dataset, batch_size: int, seed: int):
@@ -63,7 +64,7 @@ def refine(model: nn.Module, dataset, steps: int, learning_rate: float = 1e-3, b
     tensors = trainable_codec_tensors(model)
     layers = {module for module, _, _ in tensors.values()}
     for layer in layers:
-        layer.pinned_signs = layer.verify()  # decoded once (and checked) before the tables change
+        layer.pinned_signs = unpack_signs(layer.verify(), layer.shape)  # checked, decoded once, before tables change
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     leaves = []

@@ -1,0 +1,46 @@
+"""The fused vq decode kernel equals the torch path bit for bit (fp32 and bf16), for any shape, width and group."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_signlock.bitpack import pack_uint
+from hf_signlock.magnitude_codecs import MagnitudeCodec, make_codec
+from hf_signlock.reference import pack_signs
+
+pytest.importorskip("numba")
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 40), cols=st.integers(1, 70), width=st.sampled_from([1, 2, 3, 4, 6, 8]),
+       group=st.integers(1, 90), row_scales=st.sampled_from(["bf16", "log8", "layer"]), seed=st.integers(0, 2**16))
+def test_kernel_matches_torch_path(rows, cols, width, group, row_scales, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (rows, cols)
+    codec = make_codec("vq", {"bits": width, "group": group, "row_scales": row_scales})
+    params = codec.choose(shape, None)
+    stored = codec.encode(torch.rand(shape, generator=g) * 0.05, params)
+    groups = math.ceil(rows * cols / group)  # random codes and a codebook with zeros: every entry and the floor
+    stored["codes"] = pack_uint(torch.randint(0, 1 << width, (groups,), generator=g), width)
+    stored["codebook"] = torch.where(torch.rand(stored["codebook"].shape, generator=g) < 0.1, 0.0,
+                                     torch.randn(stored["codebook"].shape, generator=g).abs()).to(torch.bfloat16)
+    signs = torch.where(torch.rand(shape, generator=g) < 0.5, 1, -1).to(torch.int8)
+    bits = pack_signs(signs)
+    for dtype in (torch.float32, torch.bfloat16):
+        fused = codec.decode_signed(stored, shape, params, bits, dtype)
+        reference = MagnitudeCodec.decode_signed(codec, stored, shape, params, bits, dtype)  # the torch path
+        assert fused.dtype == reference.dtype == dtype
+        assert torch.equal(fused.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                           reference.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+        assert torch.equal(torch.sign(fused).to(torch.int8), signs)
+
+
+def test_kernel_path_is_taken_on_cpu():
+    from hf_signlock import decode_kernel
+
+    decode_kernel._kernels = None
+    test_kernel_matches_torch_path.hypothesis.inner_test(rows=3, cols=5, width=4, group=2, row_scales="bf16", seed=0)
+    assert decode_kernel._kernels is not None
