@@ -41,7 +41,8 @@ def _export(args) -> int:
     report = export_run(args.run_dir, args.out_dir, codec=args.codec, bits_per_weight=args.bits_per_weight,
                         codec_params=json.loads(args.codec_params) if args.codec_params else None,
                         sign_source=args.sign_source, dequantize=not args.keep_compressed,
-                        refine_steps=args.refine_steps, refine_learning_rate=args.refine_lr)
+                        refine_steps=args.refine_steps, refine_learning_rate=args.refine_lr,
+                        refine_loss=args.refine_loss)
     total = report["total"]
     print(f"{args.out_dir}: {report['bpw']:.4f} bits per target weight ({total['weights']:,} weights, "
           f"{total['flips']:,} flips, signs {report['sign_source']}, codec {report['codec']})")
@@ -108,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--refine-steps", type=int, default=0,
                         help="train the codec's tables on the run's training text for N steps, signs fixed")
     export.add_argument("--refine-lr", type=float, default=3e-3)
+    export.add_argument("--refine-loss", default="lm", choices=["lm", "teacher"],
+                        help="refinement objective: the LM loss, or KL from the trained dense model (teacher)")
     export.add_argument("--keep-compressed", action="store_true",
                         help="load as compressed modules that rebuild their weight when used, not dense Linear")
     push = commands.add_parser("push", help="Upload an export (model, tokenizer, bpw.json) with its model card.")

@@ -22,6 +22,7 @@ from .bpw import RECORD_BITS, write_bpw
 from .compressed_linear import SignLockLinear, flip_positions, link_shared_tables, sign_digest, tensor_digest
 from .flip_coding import encode_flips
 from .magnitude_codecs import make_codec
+from .errors import SignLockConfigError
 from .quant_config import SignLockConfig
 from .reference import pack_signs
 from .signs import reference_signs
@@ -136,7 +137,7 @@ def signs_of_run(run_dir: str | os.PathLike) -> dict:
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: str = "exact",
                codec_params: dict | None = None, bits_per_weight: float | None = None, sign_source: str | None = None,
                dequantize: bool = True, refine_steps: int = 0, refine_learning_rate: float = 3e-3,
-               data_args=None) -> dict:
+               refine_loss: str = "lm", data_args=None) -> dict:
     """Compress a trained model folder into ``out_dir`` (model, tokenizer, ``bpw.json``); returns the bpw report."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -148,11 +149,14 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: st
         template_rank=signs.get("template_rank", 8), target_modules=signs.get("target_modules"), codec=codec,
         codec_params=codec_params, bits_per_weight=bits_per_weight, dequantize=dequantize,
     )
+    if refine_loss not in ("lm", "teacher"):
+        raise SignLockConfigError(f"`refine_loss` must be 'lm' or 'teacher' (the dense model), got {refine_loss!r}.")
     model = AutoModelForCausalLM.from_pretrained(run_dir)
     quantize_model(model, config)
     refinement = None
     if refine_steps > 0:
-        refinement = _refine_on_run_data(model, run_dir, refine_steps, refine_learning_rate, data_args)
+        teacher = AutoModelForCausalLM.from_pretrained(run_dir) if refine_loss == "teacher" else None
+        refinement = _refine_on_run_data(model, run_dir, refine_steps, refine_learning_rate, data_args, teacher)
     model.save_pretrained(out_dir)
     try:
         AutoTokenizer.from_pretrained(run_dir).save_pretrained(out_dir)
@@ -167,7 +171,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: st
     return report
 
 
-def _refine_on_run_data(model, run_dir, steps: int, learning_rate: float, data_args=None) -> dict:
+def _refine_on_run_data(model, run_dir, steps: int, learning_rate: float, data_args=None, teacher=None) -> dict:
     """Refine on the training split of the data the run was trained on (see ``evaluate.data_arguments_of``)."""
     from transformers import AutoTokenizer
 
@@ -178,4 +182,4 @@ def _refine_on_run_data(model, run_dir, steps: int, learning_rate: float, data_a
     data_args = data_args or data_arguments_of(run_dir)
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
     train = build_lm_datasets(load_raw_datasets(data_args), tokenizer, data_args)["train"]
-    return refine(model, train, steps, learning_rate)
+    return refine(model, train, steps, learning_rate, teacher=teacher)

@@ -60,7 +60,8 @@ def render_card(folder: str | os.PathLike, model_id: str) -> ModelCard:
         architecture=(config.get("architectures") or [config.get("model_type", "")])[0],
         seed=quantization.get("seed"), sign_source=report["sign_source"], codec=report["codec"],
         codec_params=json.dumps(report.get("codec_params") or {}), bpw=report["bpw"], disk_bytes=checkpoint_bytes(folder),
-        flip_rate=flip_rate, perplexity=perplexity, perplexity_source=source, training=training, **report["total"],
+        flip_rate=flip_rate, perplexity=perplexity, perplexity_source=source, training=training,
+        refinement=report.get("refinement"), **report["total"],
     )
 
 

@@ -2,7 +2,8 @@
 
 After ``quantize_model``, the codec's floating tensors (codebooks, row scales, low-rank factors) become trainable in
 fp32; codes and flips stay as they are, the rest of the model is frozen. A few hundred AdamW steps on the LM loss
-pull the decoded magnitudes toward what the network needs, not toward |W|. The tensors are then stored back in
+(or on the KL divergence from the trained dense model, as teacher) pull the decoded magnitudes toward what the
+network needs, not toward |W|. The tensors are then stored back in
 their own dtype and each layer's checksum is renewed. Signs cannot move: they are multiplied in, not learned.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .compressed_linear import SignLockLinear, tensor_digest
@@ -26,9 +28,26 @@ def _batches(dataset, batch_size: int, seed: int):
                 yield dataset[index.tolist()]
 
 
+def lm_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, labels=labels).loss
+
+
+def distillation_loss(teacher: nn.Module):
+    """KL(teacher || model) of the next-token distributions, averaged over tokens: the dense model as teacher."""
+    teacher.eval()
+
+    def loss(model, ids, labels):
+        with torch.no_grad():
+            target = F.log_softmax(teacher(input_ids=ids).logits.float(), dim=-1)
+        log_probs = F.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+        return F.kl_div(log_probs, target, log_target=True, reduction="none").sum(-1).mean()
+
+    return loss
+
+
 def train_steps(model: nn.Module, params: list[torch.Tensor], dataset, steps: int, learning_rate: float,
-                batch_size: int = 16, seed: int = 0) -> list[float]:
-    """``steps`` AdamW steps (cosine schedule, clip 1.0) of the LM loss on ``params``; returns the losses. Also
+                batch_size: int = 16, seed: int = 0, loss_fn=lm_loss) -> list[float]:
+    """``steps`` AdamW steps (cosine schedule, clip 1.0) of ``loss_fn`` on ``params``; returns the losses. Also
     what the benchmarks give a dense model, so that refined exports are compared with equally trained references."""
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -37,7 +56,7 @@ def train_steps(model: nn.Module, params: list[torch.Tensor], dataset, steps: in
     device = params[0].device if params else torch.device("cpu")
     for _, batch in zip(range(steps), _batches(dataset, batch_size, seed)):
         ids = torch.tensor(batch["input_ids"], device=device)
-        loss = model(input_ids=ids, labels=torch.tensor(batch["labels"], device=device)).loss
+        loss = loss_fn(model, ids, torch.tensor(batch["labels"], device=device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -59,8 +78,9 @@ def trainable_codec_tensors(model: nn.Module) -> dict[str, tuple[SignLockLinear,
 
 
 def refine(model: nn.Module, dataset, steps: int, learning_rate: float = 1e-3, batch_size: int = 16,
-           seed: int = 0) -> dict:
-    """Train the codec tensors of ``model``'s SignLock layers for ``steps`` steps on ``dataset`` (LM blocks)."""
+           seed: int = 0, teacher: nn.Module | None = None) -> dict:
+    """Train the codec tensors of ``model``'s SignLock layers for ``steps`` steps on ``dataset`` (LM blocks): on the
+    LM loss, or, given the trained dense model as ``teacher``, on the KL divergence from its predictions."""
     tensors = trainable_codec_tensors(model)
     layers = {module for module, _, _ in tensors.values()}
     for layer in layers:
@@ -72,7 +92,8 @@ def refine(model: nn.Module, dataset, steps: int, learning_rate: float = 1e-3, b
         leaf = getattr(module, name).detach().float().requires_grad_(True)
         setattr(module, name, leaf)
         leaves.append(leaf)
-    losses = train_steps(model, leaves, dataset, steps, learning_rate, batch_size, seed)
+    loss_fn = lm_loss if teacher is None else distillation_loss(teacher)
+    losses = train_steps(model, leaves, dataset, steps, learning_rate, batch_size, seed, loss_fn)
     model.eval()
     with torch.no_grad():
         for module, name, dtype in tensors.values():
@@ -80,5 +101,5 @@ def refine(model: nn.Module, dataset, steps: int, learning_rate: float = 1e-3, b
     for layer in layers:
         layer.pinned_signs = None
         layer.record["stored_checksum"] = tensor_digest(layer.stored_tensors())
-    return {"steps": steps, "learning_rate": learning_rate, "batch_size": batch_size, "loss": "lm",
+    return {"steps": steps, "learning_rate": learning_rate, "batch_size": batch_size, "loss": "lm" if teacher is None else "teacher",
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}

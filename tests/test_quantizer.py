@@ -199,6 +199,22 @@ def test_export_cli_writes_bpw_and_inspect_reads_it(tmp_path, capsys):
     assert_same_signs(dense_weights(loaded), dense_weights(model))
 
 
+def test_card_reports_the_refinement(tmp_path):
+    from hf_signlock.cli import main
+    from hf_signlock.hub import render_card
+
+    _, run = _run_folder(tmp_path)
+    main(["export", str(run), str(tmp_path / "out"), "--codec", "scale"])
+    assert "refinement" not in str(render_card(tmp_path / "out", "user/tiny"))
+    path = tmp_path / "out" / "bpw.json"
+    report = json.loads(path.read_text())
+    report["refinement"] = {"steps": 200, "learning_rate": 0.003, "loss": "teacher", "first_loss": 1.5, "last_loss": 0.25}
+    path.write_text(json.dumps(report))
+    card = str(render_card(tmp_path / "out", "user/tiny"))
+    assert "| refinement of the codec tables, signs fixed | 200 AdamW steps at lr 0.003 on the training text, " \
+           "KL from the dense model (teacher): 1.500 -> 0.250 |" in card
+
+
 def test_export_without_seeded_init_uses_packed_signs(tmp_path):
     from hf_signlock.export import export_run
 
@@ -286,22 +302,41 @@ def test_loading_without_hf_signlock_fails_loudly(tmp_path):
     assert "LOAD REPORT" not in quiet.stderr  # with hf_signlock imported the guards are expected: no warnings
 
 
-def test_refinement_trains_tables_and_keeps_signs(tmp_path):
+def _kl_from(teacher, model, ids):
+    with torch.no_grad():
+        target = torch.log_softmax(teacher(input_ids=ids).logits, -1)
+        return torch.nn.functional.kl_div(torch.log_softmax(model(input_ids=ids).logits, -1), target,
+                                          log_target=True, reduction="none").sum(-1).mean().item()
+
+
+@pytest.mark.parametrize("objective", ["lm", "teacher"])
+def test_refinement_trains_tables_and_keeps_signs(tmp_path, objective):
+    import copy
+
     from datasets import Dataset
 
     from hf_signlock.evaluate import perplexity
-    from hf_signlock.refine import refine
+    from hf_signlock.refine import refine, train_steps
 
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                          num_key_value_heads=4, vocab_size=32)
     model = trained_model("llama", config, moved=0.3)
-    before = dense_weights(model)
     blocks = torch.arange(32).repeat(40)[: 40 * 16].view(40, 16) % 32  # a learnable, periodic language
     data = Dataset.from_dict({"input_ids": blocks.tolist(), "labels": blocks.tolist()})
+    if objective == "teacher":  # a teacher worth following: the dense model first learns the language a little
+        train_steps(model, list(model.parameters()), data, 20, 1e-2, batch_size=8)
+    teacher = copy.deepcopy(model)
+    before = dense_weights(model)
     quantize_model(model, SignLockConfig(seed=SEED, codec="vq", codec_params={"bits": 4, "group": 8}))
-    start = perplexity(model, data)["eval_loss"]
-    report = refine(model, data, steps=30, learning_rate=3e-2, batch_size=8)
-    assert perplexity(model, data)["eval_loss"] < start - 0.1 and report["last_loss"] < report["first_loss"]
+    ids = torch.tensor(data["input_ids"][:8])
+    start, start_kl = perplexity(model, data)["eval_loss"], _kl_from(teacher, model, ids)
+    report = refine(model, data, steps=30, learning_rate=3e-2 if objective == "lm" else 3e-3, batch_size=8,
+                    teacher=teacher if objective == "teacher" else None)
+    assert report["loss"] == objective and report["last_loss"] < report["first_loss"]
+    if objective == "lm":
+        assert perplexity(model, data)["eval_loss"] < start - 0.1
+    else:  # pulled toward the dense model's predictions
+        assert _kl_from(teacher, model, ids) < 0.7 * start_kl
     model.save_pretrained(tmp_path)
     after = dense_weights(AutoModelForCausalLM.from_pretrained(tmp_path))  # checksums renewed: it loads
     assert_same_signs(after, before)
