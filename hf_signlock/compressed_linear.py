@@ -31,7 +31,7 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         tensor = tensors[name].detach().contiguous().cpu()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # hashed in place, no bytes copy
     return digest.hexdigest()
 
 
@@ -42,7 +42,7 @@ def sign_digest(signs: torch.Tensor) -> str:
 
 
 def bits_digest(sign_bits: torch.Tensor) -> str:
-    return hashlib.blake2b(sign_bits.cpu().numpy().tobytes(), digest_size=8).hexdigest()
+    return hashlib.blake2b(sign_bits.cpu().contiguous().numpy(), digest_size=8).hexdigest()
 
 
 class SignLockLinear(nn.Module):

@@ -163,7 +163,7 @@ class VectorCodec(MagnitudeCodec):
     allowed = ("bits", "group", "iterations", "row_scales", "shared")
     _BITS = (8, 6, 4, 2, 1)  # codebook sizes tried, largest first, when the budget chooses
     _ROW_SCALES = ("bf16", "log8", "layer")  # tried in this order: the cheaper forms free bits for small budgets
-    _SAMPLE = 1 << 16  # groups a shared codebook is fitted on (a fixed, seeded sample of all layers' groups)
+    _SAMPLE = 1 << 16  # groups a codebook is fitted on, at most (a fixed, seeded sample)
 
     @staticmethod
     def _scale_bits(shape, row_scales: str) -> int:
@@ -274,21 +274,25 @@ class VectorCodec(MagnitudeCodec):
             stored["codebook"] = codebook.to(torch.bfloat16)
         return stored
 
+    def _fit(self, vectors: torch.Tensor, params: dict) -> torch.Tensor:
+        """k-means codebook, fitted on a seeded sample of at most ``_SAMPLE`` groups (then every group is assigned
+        once): export time stays flat in the layer's size."""
+        if len(vectors) > self._SAMPLE:
+            pick = torch.randperm(len(vectors), generator=torch.Generator().manual_seed(0))[: self._SAMPLE]
+            vectors = vectors[pick]
+        codebook, _ = _kmeans(vectors, 1 << params["bits"], params.get("iterations", 25))
+        return codebook.to(torch.bfloat16).float()  # groups are assigned against the codebook as stored
+
     def encode(self, magnitude, params):
         stored, vectors = self._normalise(magnitude, params)
-        codebook, index = _kmeans(vectors, 1 << params["bits"], params.get("iterations", 25))
-        return self._finish(stored, codebook, index, params)
+        codebook = self._fit(vectors, params)
+        return self._finish(stored, codebook, _nearest(vectors, codebook), params)
 
     def encode_all(self, magnitudes, plan):
         if not any(params.get("shared") for params in plan.values()):
             return super().encode_all(magnitudes, plan)
         normalised = {name: self._normalise(magnitudes[name](), params) for name, params in plan.items()}
-        vectors = torch.cat([v for _, v in normalised.values()])
-        if len(vectors) > self._SAMPLE:
-            vectors = vectors[torch.randperm(len(vectors), generator=torch.Generator().manual_seed(0))[: self._SAMPLE]]
-        params = next(iter(plan.values()))
-        codebook, _ = _kmeans(vectors, 1 << params["bits"], params.get("iterations", 25))
-        codebook = codebook.to(torch.bfloat16).float()  # assign against the codebook as it will be stored
+        codebook = self._fit(torch.cat([v for _, v in normalised.values()]), next(iter(plan.values())))
         return {name: self._finish(stored, codebook, _nearest(v, codebook), plan[name])
                 for name, (stored, v) in normalised.items()}
 
