@@ -3,9 +3,10 @@
 Written by hand because no library fuses a bit-packed code gather with a sign bitmap: with torch ops the codes
 are unpacked to int64, gathered into a float32 copy, scaled, clamped, multiplied by an int8 sign tensor and cast,
 each a walk over the whole layer (the profile of ``bench/bench_load.py`` put most of the load time there). Here
-three short passes (magnitudes, sign bits, bf16 rounding) run over rows in parallel. The arithmetic is the torch path's exactly (float32
-product, clamp to the floor, then the sign; bf16 by round-to-nearest-even), and ``tests/test_decode_kernel.py``
-holds the two equal bit for bit. Compiled on first use (about a second, then cached on disk).
+one pass writes each float32 weight once, rows in parallel (a second rounds it to bf16 when asked). The
+arithmetic is the torch path's exactly (float32 product, clamp to the floor, times the +-1 sign; bf16 by
+round-to-nearest-even), and ``tests/test_decode_kernel.py`` holds the two equal bit for bit. Compiled on first
+use (about a second, then cached on disk).
 """
 
 from __future__ import annotations
@@ -29,52 +30,41 @@ def _compile():
         pair = np.int64(codes[offset >> 3]) | (np.int64(codes[(offset >> 3) + 1]) << 8)
         return (pair >> (offset & 7)) & mask
 
-    # Plain 2-D indexing with whole groups in the inner loop: numba vectorises it (a row view or a
-    # variable-length inner loop made the same pass 3-4x slower).
+    @numba.njit(inline="always")
+    def sign_of(sign_bits, k):  # +1.0 / -1.0 from bit k (1 = +1); multiplying by it is exact
+        return np.float32(((sign_bits[k >> 3] >> (k & 7)) & 1) * 2 - 1)
+
+    # Plain 2-D indexing with whole groups in the inner loop: numba vectorises it (a row view, a variable-length
+    # inner loop or a branch on the sign each made it 3-15x slower).
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def magnitudes(codes, width, group, codebook, row_scale, floor, out):
-        """out[r, c] = max(codebook[code, position] * row_scale[r], floor), float32."""
+    def weights(codes, width, group, codebook, row_scale, sign_bits, floor, out):
+        """out[r, c] = sign * max(codebook[code, position] * row_scale[r], floor), float32."""
         rows, cols = out.shape
         mask = (1 << width) - 1
         for r in numba.prange(rows):
             scale = row_scale[r]
-            j = (r * cols) // group
-            p = r * cols - j * group  # a group may straddle rows: the row starts at position p of group j
+            first = r * cols
+            j = first // group
+            p = first - j * group  # a group may straddle rows: the row starts at position p of group j
             c = 0
             if p:
                 code = code_of(codes, width, mask, j)
                 c = min(group - p, cols)
                 for q in range(c):
-                    out[r, q] = max(codebook[code, p + q] * scale, floor)
+                    out[r, q] = max(codebook[code, p + q] * scale, floor) * sign_of(sign_bits, first + q)
                 j += 1
-            for t in range((cols - c) // group):
+            full = (cols - c) // group
+            for t in range(full):
                 code = code_of(codes, width, mask, j + t)
                 base = c + t * group
                 for q in range(group):
-                    out[r, base + q] = max(codebook[code, q] * scale, floor)
-            j += (cols - c) // group
-            c += (cols - c) // group * group
+                    out[r, base + q] = max(codebook[code, q] * scale, floor) * sign_of(sign_bits, first + base + q)
+            j += full
+            c += full * group
             if c < cols:
                 code = code_of(codes, width, mask, j)
                 for q in range(cols - c):
-                    out[r, c + q] = max(codebook[code, q] * scale, floor)
-
-    @numba.njit(parallel=True, cache=True, nogil=True)
-    def apply_signs(bits, sign_bits):
-        """Sets the float32 sign bit (``bits``: the weight's uint32 view) where the packed sign is 0 (-1)."""
-        rows, cols = bits.shape
-        aligned = cols % 8 == 0  # rows start on a sign byte: 8 positions per byte read
-        for r in numba.prange(rows):
-            if aligned:
-                first = (r * cols) >> 3
-                for b in range(cols >> 3):
-                    byte = np.uint32(sign_bits[first + b]) ^ np.uint32(255)
-                    for i in range(8):
-                        bits[r, 8 * b + i] |= ((byte >> np.uint32(i)) & np.uint32(1)) << np.uint32(31)
-            else:
-                for c in range(cols):
-                    k = r * cols + c
-                    bits[r, c] |= np.uint32(((sign_bits[k >> 3] >> (k & 7)) & 1) ^ 1) << np.uint32(31)
+                    out[r, c + q] = max(codebook[code, q] * scale, floor) * sign_of(sign_bits, first + c + q)
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def to_bf16(bits, out):
@@ -85,7 +75,7 @@ def _compile():
                 b = bits[r, c]
                 out[r, c] = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
 
-    return magnitudes, apply_signs, to_bf16
+    return weights, to_bf16
 
 
 def vq_decode(codes: torch.Tensor, width: int, group: int, codebook: torch.Tensor, row_scale: torch.Tensor,
@@ -99,11 +89,10 @@ def vq_decode(codes: torch.Tensor, width: int, group: int, codebook: torch.Tenso
     codebook = codebook.float().contiguous().numpy()
     scale = row_scale.float().expand(rows).contiguous().numpy()
     bits = sign_bits.numpy()
-    magnitudes, apply_signs, to_bf16 = _kernels
+    weights, to_bf16 = _kernels
     bf16 = dtype == torch.bfloat16
     weight = _scratch(rows * cols).reshape(rows, cols) if bf16 else np.empty((rows, cols), dtype=np.float32)
-    magnitudes(codes, width, group, codebook, scale, np.float32(floor), weight)
-    apply_signs(weight.view(np.uint32), bits)
+    weights(codes, width, group, codebook, scale, bits, np.float32(floor), weight)
     if not bf16:
         return torch.from_numpy(weight)
     out = np.empty((rows, cols), dtype=np.uint16)
