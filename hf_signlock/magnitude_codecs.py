@@ -9,8 +9,10 @@ stored sign.
 * ``exact``: |W| in the weight's own dtype (lossless; for checks).
 * ``scale``: rank-1 ``r c^T`` (leading singular pair of |W|), bf16: 16 (rows + cols) bits.
 * ``lowrank``: rank-r factors ``A B^T`` in bf16: 16 r (rows + cols) bits, r as large as the budget allows.
-* ``vq``: per-row bf16 scales, then groups of ``group`` consecutive row-normalised magnitudes replaced by the
-  nearest of ``2**bits`` codewords (k-means, bf16 codebook): ``bits / group`` bits per weight plus the tables.
+* ``vq``: row scales (bf16, 8-bit log-coded, or one per layer), then groups of ``group`` consecutive row-normalised
+  magnitudes replaced by the nearest of ``2**bits`` codewords (k-means, bf16 codebook): ``bits / group`` bits per
+  weight plus the tables. When no codebook of a layer's own fits, ``plan`` shares one across all layers, stored by
+  the first; on the CPU ``decode_signed`` runs the fused kernel of ``decode_kernel.py``.
 """
 
 from __future__ import annotations
@@ -305,8 +307,8 @@ class VectorCodec(MagnitudeCodec):
         return self._floored(flat.view(shape) * self._row_scale(stored)[:, None])
 
     def decode_signed(self, stored, shape, params, sign_bits, dtype):
-        tensors = (stored["codes"], stored["codebook"], sign_bits, *(t for t in stored.values()))
-        if dtype in (torch.float32, torch.bfloat16) and decode_kernel.usable(*tensors) and self.floor is not None:
+        if dtype in (torch.float32, torch.bfloat16) and decode_kernel.usable(sign_bits, *stored.values()) \
+                and self.floor is not None:
             if stored["codebook"].shape != ((1 << params["bits"]), params["group"]):
                 raise ValueError("the vq codebook does not have the shape its parameters give")
             return decode_kernel.vq_decode(stored["codes"], params["bits"], params["group"], stored["codebook"],
