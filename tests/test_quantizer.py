@@ -199,6 +199,15 @@ def test_export_cli_writes_bpw_and_inspect_reads_it(tmp_path, capsys):
     assert_same_signs(dense_weights(loaded), dense_weights(model))
 
 
+def test_unknown_refinement_objective_is_refused(tmp_path):
+    from hf_signlock.export import export_run
+
+    _, run = _run_folder(tmp_path)
+    with pytest.raises(SignLockConfigError, match="`refine_loss` must be 'lm' or 'teacher'"):
+        export_run(run, tmp_path / "out", codec="scale", refine_steps=5, refine_loss="mse")
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
 def test_card_reports_the_refinement(tmp_path):
     from hf_signlock.cli import main
     from hf_signlock.hub import render_card
