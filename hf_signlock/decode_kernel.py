@@ -34,8 +34,8 @@ def _compile():
     def sign_of(sign_bits, k):  # +1.0 / -1.0 from bit k (1 = +1); multiplying by it is exact
         return np.float32(((sign_bits[k >> 3] >> (k & 7)) & 1) * 2 - 1)
 
-    # Plain 2-D indexing with whole groups in the inner loop: numba vectorises it (a row view, a variable-length
-    # inner loop or a branch on the sign each made it 3-15x slower).
+    # Plain 2-D indexing with whole groups in the inner loop, and the sign multiplied in: a row view with a
+    # variable-length inner loop measured about 3x slower, and a branch on the (random) sign slower still.
     @numba.njit(parallel=True, cache=True, nogil=True)
     def weights(codes, width, group, codebook, row_scale, sign_bits, floor, out):
         """out[r, c] = sign * max(codebook[code, position] * row_scale[r], floor), float32."""
@@ -104,8 +104,8 @@ _local = threading.local()
 
 
 def _scratch(size: int) -> np.ndarray:
-    """A float32 buffer kept per thread: bf16 loads decode layer after layer through it (fresh pages each time
-    cost as much as the decoding)."""
+    """A float32 buffer kept per thread: bf16 loads decode layer after layer through it instead of faulting in a
+    fresh one per layer."""
     buffer = getattr(_local, "buffer", None)
     if buffer is None or buffer.size < size:
         buffer = _local.buffer = np.empty(size, dtype=np.float32)

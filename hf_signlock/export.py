@@ -20,9 +20,9 @@ from transformers.utils import logging
 
 from .bpw import RECORD_BITS, write_bpw
 from .compressed_linear import SignLockLinear, flip_positions, link_shared_tables, sign_digest, tensor_digest
+from .errors import SignLockConfigError
 from .flip_coding import encode_flips
 from .magnitude_codecs import make_codec
-from .errors import SignLockConfigError
 from .quant_config import SignLockConfig
 from .reference import pack_signs
 from .signs import reference_signs
