@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_signlock import SignLockConfig, SignLockConfigError, quantize_model
 from hf_signlock.bpw import RECORD_BITS, bits_report
-from hf_signlock.compressed_linear import flip_positions
+from hf_signlock.compressed_linear import flip_positions, link_shared_tables
 from hf_signlock.data import build_lm_datasets, load_raw_datasets
 from hf_signlock.evaluate import perplexity
 from hf_signlock.export import signs_of_run
@@ -49,23 +49,23 @@ class SignedVectorCodec(VectorCodec):
 class SignedVQLinear(nn.Module):
     """A layer of signed vq: its tables trainable (fp32) for the same refinement the seed-sign exports get."""
 
-    def __init__(self, linear: nn.Linear, codec: SignedVectorCodec, stored: dict, params: dict):
+    def __init__(self, name: str, linear: nn.Linear, codec: SignedVectorCodec, stored: dict, params: dict):
         super().__init__()
-        self.shape, self.bias, self.codec, self.params = tuple(linear.weight.shape), linear.bias, codec, params
+        self.param_name, self.shape, self.bias = name, tuple(linear.weight.shape), linear.bias
+        self.codec, self.codec_params = codec, params
         self.tables = nn.ParameterDict({name: nn.Parameter(t.float()) for name, t in stored.items()
                                         if t.is_floating_point()})
         for name, tensor in stored.items():
             if not tensor.is_floating_point():
                 self.register_buffer(name, tensor)
-        self.owner = ()  # (layer,) holding the shared codebook, if this one does not
+        self._table_owner = ()  # (layer,) holding the shared codebook, set by link_shared_tables
         self.bits = sum(t.numel() * t.element_size() * 8 for t in stored.values()) + RECORD_BITS
 
     def forward(self, x):
-        stored = {**dict(self.tables), "codes": self.codes, **({"row_scale_code": self.row_scale_code}
-                                                                if hasattr(self, "row_scale_code") else {})}
-        if self.owner:
-            stored["codebook"] = self.owner[0].tables["codebook"]
-        return nn.functional.linear(x, self.codec.decode(stored, self.shape, self.params), self.bias)
+        stored = {**dict(self.tables), **dict(self.named_buffers())}
+        if self._table_owner:
+            stored["codebook"] = self._table_owner[0].tables["codebook"]
+        return nn.functional.linear(x, self.codec.decode(stored, self.shape, self.codec_params), self.bias)
 
 
 def signed_vq(model, budget: float):
@@ -75,11 +75,9 @@ def signed_vq(model, budget: float):
     plan = codec.plan({name: (tuple(m.weight.shape), budget * m.weight.numel() - RECORD_BITS)
                        for name, m in modules.items()})
     encoded = codec.encode_all({name: (lambda m=m: m.weight.detach().float()) for name, m in modules.items()}, plan)
-    layers = {name: SignedVQLinear(m, codec, encoded[name], plan[name]) for name, m in modules.items()}
-    owner = [layer for name, layer in layers.items() if plan[name].get("codebook_owner")]
+    layers = {name: SignedVQLinear(name, m, codec, encoded[name], plan[name]) for name, m in modules.items()}
+    link_shared_tables(layers.values())
     for name, layer in layers.items():
-        if plan[name].get("shared") and not plan[name].get("codebook_owner"):
-            layer.owner = (owner[0],)
         model.set_submodule(name.removesuffix(".weight"), layer)
     return sum(layer.bits for layer in layers.values()) / sum(m.weight.numel() for m in modules.values()), tables_of(plan.values())
 
