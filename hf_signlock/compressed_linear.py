@@ -35,6 +35,25 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def payload_layout(specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, tuple]:
+    """Where each stored tensor lives in a layer's one ``payload`` byte tensor: name -> (offset, bytes, dtype, shape).
+
+    One tensor per layer, because the loader's cost is per stored tensor (four per layer was most of the gap to a
+    dense load). Sections go widest element first (in spec order within a width): every offset is then a multiple
+    of its element size with no padding, so the views need no copy and every payload byte is a stored bit.
+    """
+    layout, offset = {}, 0
+    for name, (shape, dtype) in sorted(specs.items(), key=lambda item: -item[1][1].itemsize):
+        nbytes = math.prod(shape) * dtype.itemsize
+        layout[name] = (offset, nbytes, dtype, tuple(shape))
+        offset += nbytes
+    return layout
+
+
+def payload_digest(payload: torch.Tensor) -> str:
+    return tensor_digest({"payload": payload})
+
+
 def sign_digest(signs: torch.Tensor) -> str:
     """Checksum of int8 signs: that of their packed bits."""
     bits = np.packbits(signs.reshape(-1).cpu().numpy() > 0, bitorder="little")  # = pack_signs, in one numpy pass
@@ -56,16 +75,17 @@ class SignLockLinear(nn.Module):
         in_features, out_features = self.shape[::-1] if self.layout == "linear" else self.shape
         self.in_features, self.out_features = in_features, out_features
         self.codec = make_codec(config.codec, config.codec_params)
-        self._stored_names = []
         self.codec_params = record.get("codec_params", {})
         specs = self.codec.stored_specs(self.shape, _DTYPES[record["dtype"]], self.codec_params)
-        for name, (shape, dtype) in specs.items():
-            self._register(name, torch.empty(shape, dtype=dtype, device=device))
         if config.sign_source == "packed":
-            self._register("sign_bits", torch.empty(math.ceil(math.prod(self.shape) / 8), dtype=torch.uint8, device=device))
+            specs["sign_bits"] = ((math.ceil(math.prod(self.shape) / 8),), torch.uint8)
         else:
-            self._register("flips", torch.empty(record["flip_bytes"], dtype=torch.uint8, device=device))
+            specs["flips"] = ((record["flip_bytes"],), torch.uint8)
+        self.sections = payload_layout(specs)
+        size = sum(nbytes for _, nbytes, _, _ in self.sections.values())
+        self.register_buffer("payload", torch.zeros(size, dtype=torch.uint8, device=device), persistent=True)
         self.pinned_signs = None
+        self.trainable_tables: dict[str, torch.Tensor] = {}  # refinement's float32 stand-ins for stored tables
         self._table_owner = ()  # (layer,) holding the codebook this layer shares; a tuple so it is no submodule
         if record["bias"]:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=_DTYPES[record["dtype"]], device=device),
@@ -73,15 +93,30 @@ class SignLockLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def _register(self, name: str, tensor: torch.Tensor) -> None:
-        self.register_buffer(name, tensor, persistent=True)
-        self._stored_names.append(name)
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tables, flips or packed signs: typed views into ``payload``."""
+        payload = self.payload
+        if payload.storage_offset() % 8:  # a view into a loaded file's buffer may start anywhere
+            payload = payload.clone()
+        return {name: payload[offset:offset + nbytes].view(dtype).view(shape)
+                for name, (offset, nbytes, dtype, shape) in self.sections.items()}
+
+    def write_stored(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy tensors into their payload sections (export and refinement; shapes and dtypes must match)."""
+        for name, tensor in tensors.items():
+            offset, nbytes, dtype, shape = self.sections[name]
+            if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+                raise ValueError(f"{self.param_name}: `{name}` must be {dtype} {shape}, got {tensor.dtype} "
+                                 f"{tuple(tensor.shape)}")
+            self.payload[offset:offset + nbytes] = tensor.detach().contiguous().reshape(-1).view(torch.uint8).to(
+                self.payload.device)
 
     def magnitude_tensors(self) -> dict[str, torch.Tensor]:
-        return {name: t for name, t in self.stored_tensors().items() if name not in ("flips", "sign_bits")}
-
-    def stored_tensors(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in self._stored_names}
+        stored = {name: t for name, t in self.stored_tensors().items() if name not in ("flips", "sign_bits")}
+        stored.update(self.trainable_tables)
+        if self._table_owner:
+            stored["codebook"] = self._table_owner[0].magnitude_tensors()["codebook"]
+        return stored
 
     # --- decoding -------------------------------------------------------------------------------------------------
 
@@ -89,8 +124,8 @@ class SignLockLinear(nn.Module):
         """The trained weight's signs, bit-packed (uint8, as ``pack_signs``): seeded bits with the flips toggled."""
         numel = math.prod(self.shape)
         if self.config.sign_source == "packed":
-            return self.sign_bits.cpu()
-        flips = decode_flips(self.flips.cpu().numpy().tobytes(), numel)
+            return self.stored_tensors()["sign_bits"].cpu()
+        flips = decode_flips(self.stored_tensors()["flips"].cpu().numpy().tobytes(), numel)
         if len(flips) != self.record["flips"]:
             raise CorruptCheckpointError(
                 f"{self.param_name}: the flip stream holds {len(flips)} flips, the config records {self.record['flips']}"
@@ -109,13 +144,13 @@ class SignLockLinear(nn.Module):
 
     def verify(self) -> torch.Tensor:
         """Check the stored tensors and the decoded signs; returns the signs, bit-packed."""
-        stored = self.stored_tensors()
-        for name, tensor in stored.items():
-            if tensor.device.type == "meta":
-                raise CorruptCheckpointError(f"{self.param_name}: the checkpoint has no `{name}` tensor for this layer")
-        if tensor_digest(stored) != self.record["stored_checksum"]:
+        if self.payload.device.type == "meta":
+            raise CorruptCheckpointError(f"{self.param_name}: the checkpoint has no `payload` tensor for this layer")
+        if self.payload.storage_offset() % 8:
+            self.payload = self.payload.clone()  # aligned, so the typed views need no copy from now on
+        if payload_digest(self.payload) != self.record["stored_checksum"]:
             raise CorruptCheckpointError(
-                f"{self.param_name}: the stored tensors do not match the checksum recorded at export "
+                f"{self.param_name}: the stored payload does not match the checksum recorded at export "
                 "(corrupted or truncated file, or a tensor from another checkpoint)"
             )
         sign_bits = self.packed_signs()
@@ -131,8 +166,6 @@ class SignLockLinear(nn.Module):
         """W = sign * |W|~ in ``dtype``; from ``sign_bits`` (packed) if given, else decoded now. While refinement
         pins int8 signs (``pinned_signs``), the product is built with torch ops so gradients reach the tables."""
         stored = self.magnitude_tensors()
-        if self._table_owner:
-            stored["codebook"] = self._table_owner[0].codebook
         try:
             if self.pinned_signs is not None:
                 magnitude = self.codec.decode(stored, self.shape, self.codec_params)
@@ -146,7 +179,7 @@ class SignLockLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The decoded dense weight (a new tensor; writing to it changes nothing). Model init code that touches
         ``.weight`` before loading gets an empty meta tensor of the right shape."""
-        if any(t.device.type == "meta" for t in self.stored_tensors().values()):
+        if self.payload.device.type == "meta":
             return torch.empty(self.shape, device="meta")
         return self.decode_weight()
 

@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
 from .bpw import RECORD_BITS, write_bpw
-from .compressed_linear import SignLockLinear, flip_positions, link_shared_tables, sign_digest, tensor_digest
+from .compressed_linear import SignLockLinear, flip_positions, link_shared_tables, payload_digest, sign_digest
 from .errors import SignLockConfigError
 from .flip_coding import encode_flips
 from .magnitude_codecs import make_codec
@@ -82,11 +82,10 @@ def quantize_model(model: nn.Module, config: SignLockConfig) -> nn.Module:
                   "dtype": str(weight.dtype).removeprefix("torch."), "bias": module.bias is not None,
                   "codec_params": plan[param_name], **sign_record}
         layer = SignLockLinear(param_name, record, config, device="cpu")
-        for name, tensor in {**encoded.pop(param_name), **sign_tensors}.items():
-            setattr(layer, name, tensor)
+        layer.write_stored({**encoded.pop(param_name), **sign_tensors})
         if module.bias is not None:
             layer.bias = nn.Parameter(module.bias.detach().cpu().clone(), requires_grad=False)
-        record["stored_checksum"] = tensor_digest(layer.stored_tensors())
+        record["stored_checksum"] = payload_digest(layer.payload)
         config.layers[param_name] = record
         layers.append(layer.to(module.weight.device))
         model.set_submodule(module_name, layers[-1])

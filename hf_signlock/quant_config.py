@@ -19,7 +19,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import SignLockConfigError
 
-EXPORT_FORMAT_VERSION = 1
+EXPORT_FORMAT_VERSION = 2  # 2: one `payload` tensor per layer (1: one tensor per table)
 SIGN_SOURCES = ("seed", "template", "packed")
 CODECS = ("exact", "scale", "vq", "lowrank")
 QUANT_METHOD = "signlock"
@@ -66,7 +66,8 @@ class SignLockConfig(QuantizationConfigMixin):
         if self.format_version != EXPORT_FORMAT_VERSION:
             raise SignLockConfigError(
                 f"This checkpoint uses SignLock format version {self.format_version}; this hf_signlock reads version "
-                f"{EXPORT_FORMAT_VERSION}. Install the hf-signlock release that wrote it (or a newer one)."
+                f"{EXPORT_FORMAT_VERSION}. Load it with the hf-signlock release that wrote it, or export the trained model "
+                "again with this one (`hf-signlock export`)."
             )
         if self.sign_source not in SIGN_SOURCES:
             raise SignLockConfigError(f"`sign_source` must be one of {SIGN_SOURCES}, got {self.sign_source!r}.")

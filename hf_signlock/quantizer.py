@@ -45,23 +45,28 @@ class SignLockHfQuantizer(HfQuantizer):
             re.escape(key) + "$" for key in guard_tensors(config)
         }
         modules = dict(model.named_modules())
+        layers = []
         for param_name, record in config.layers.items():
             module_name = param_name.removesuffix(".weight")
             if module_name not in modules:
                 raise CorruptCheckpointError(
                     f"{param_name}: the SignLock config names a layer this {type(model).__name__} does not have"
                 )
-            model.set_submodule(module_name, SignLockLinear(param_name, record, config, device="meta"))
+            layers.append(SignLockLinear(param_name, record, config, device="meta"))
+            parent, _, child = module_name.rpartition(".")
+            setattr(modules[parent], child, layers[-1])  # what set_submodule does, without a walk per layer
+        link_shared_tables(layers)  # the payload sizes depend on who stores the codebook: check that before loading
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         dtype = model.get_input_embeddings().weight.dtype  # the dtype the model was loaded in
         layers = {name: module for name, module in model.named_modules() if isinstance(module, SignLockLinear)}
-        link_shared_tables(layers.values())
         signs = {name: layer.verify() for name, layer in layers.items()}  # every layer checked before any is used
         if self.quantization_config.dequantize:
+            parents = dict(model.named_modules())
             for name, layer in layers.items():
-                model.set_submodule(name, dense_module(layer, layer.decode_weight(signs.pop(name), dtype)))
+                parent, _, child = name.rpartition(".")
+                setattr(parents[parent], child, dense_module(layer, layer.decode_weight(signs.pop(name), dtype)))
         return model
 
     def get_state_dict_and_metadata(self, model):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .compressed_linear import SignLockLinear, tensor_digest
+from .compressed_linear import SignLockLinear, payload_digest
 from .reference import unpack_signs
 
 
@@ -71,7 +71,7 @@ def trainable_codec_tensors(model: nn.Module) -> dict[str, tuple[SignLockLinear,
     found = {}
     for module_name, module in model.named_modules():
         if isinstance(module, SignLockLinear):
-            for name, tensor in module.magnitude_tensors().items():
+            for name, tensor in module.stored_tensors().items():  # its own tables (a shared codebook once)
                 if tensor.is_floating_point():
                     found[f"{module_name}.{name}"] = (module, name, tensor.dtype)
     return found
@@ -89,17 +89,17 @@ def refine(model: nn.Module, dataset, steps: int, learning_rate: float = 1e-3, b
         parameter.requires_grad_(False)
     leaves = []
     for module, name, _ in tensors.values():
-        leaf = getattr(module, name).detach().float().requires_grad_(True)
-        setattr(module, name, leaf)
+        leaf = module.stored_tensors()[name].float().requires_grad_(True)
+        module.trainable_tables[name] = leaf
         leaves.append(leaf)
     loss_fn = lm_loss if teacher is None else distillation_loss(teacher)
     losses = train_steps(model, leaves, dataset, steps, learning_rate, batch_size, seed, loss_fn)
     model.eval()
     with torch.no_grad():
         for module, name, dtype in tensors.values():
-            setattr(module, name, getattr(module, name).detach().to(dtype))
+            module.write_stored({name: module.trainable_tables.pop(name).detach().to(dtype)})
     for layer in layers:
         layer.pinned_signs = None
-        layer.record["stored_checksum"] = tensor_digest(layer.stored_tensors())
+        layer.record["stored_checksum"] = payload_digest(layer.payload)
     return {"steps": steps, "learning_rate": learning_rate, "batch_size": batch_size, "loss": "lm" if teacher is None else "teacher",
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}

@@ -104,29 +104,36 @@ def test_wrong_seed_is_refused(tmp_path):
         AutoModelForCausalLM.from_pretrained(folder)
 
 
-def _add_one(tensors, key="model.layers.1.mlp.up_proj.row_scale"):
+def _section(folder, tensors, param_name, name):
+    """The bytes of stored tensor ``name`` inside layer ``param_name``'s payload (a writable copy in ``tensors``)."""
+    config = SignLockConfig.from_dict(json.loads((folder / "config.json").read_text())["quantization_config"])
+    offset, nbytes, _, _ = SignLockLinear(param_name, config.layers[param_name], config).sections[name]
+    key = param_name.removesuffix("weight") + "payload"
     tensors[key] = tensors[key].clone()
-    tensors[key][3] += 1
+    return tensors[key][offset:offset + nbytes]
 
 
-def _flip_a_bit(tensors, key="model.layers.0.self_attn.q_proj.flips"):
-    tensors[key] = tensors[key].clone()
-    tensors[key][-6] ^= 0x10
+def _add_one(folder, tensors, param_name="model.layers.1.mlp.up_proj.weight", name="row_scale"):
+    _section(folder, tensors, param_name, name)[3] += 1
 
 
-def _drop(tensors, key="model.layers.0.mlp.down_proj.col_scale"):
-    del tensors[key]
+def _flip_a_bit(folder, tensors):
+    _section(folder, tensors, "model.layers.0.self_attn.q_proj.weight", "flips")[-6] ^= 0x10
+
+
+def _drop(folder, tensors):
+    del tensors["model.layers.0.mlp.down_proj.payload"]
 
 
 @pytest.mark.parametrize("damage, message", [
-    (_add_one, r"model\.layers\.1\.mlp\.up_proj\.weight: the stored tensors"),
+    (_add_one, r"model\.layers\.1\.mlp\.up_proj\.weight: the stored payload"),
     (_flip_a_bit, r"model\.layers\.0\.self_attn\.q_proj\.weight: "),
     (_drop, r"model\.layers\.0\.mlp\.down_proj\.weight: "),
 ], ids=["corrupted-tensor", "corrupted-flip-stream", "missing-tensor"])
 def test_damaged_checkpoint_is_refused(tmp_path, damage, message):
     folder = _export(tmp_path)
     tensors = load_file(folder / "model.safetensors")
-    damage(tensors)
+    damage(folder, tensors)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CorruptCheckpointError, match=message):
         AutoModelForCausalLM.from_pretrained(folder)
@@ -192,7 +199,7 @@ def test_export_cli_writes_bpw_and_inspect_reads_it(tmp_path, capsys):
     assert layer["total_bits"] == layer["flip_bits"] + layer["magnitude_bits"] + layer["other_bits"]
     assert report["bpw"] == report["total"]["total_bits"] / report["total"]["weights"]
     stored = load_file(tmp_path / "out" / "model.safetensors")
-    assert layer["flip_bits"] == 8 * stored["model.layers.0.mlp.up_proj.flips"].numel()
+    assert layer["flip_bits"] == 8 * _section(tmp_path / "out", stored, "model.layers.0.mlp.up_proj.weight", "flips").numel()
     assert main(["inspect", str(tmp_path / "out")]) == 0
     assert "checkpoint on disk" in capsys.readouterr().out
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
@@ -283,9 +290,9 @@ def test_shared_codebook_export_round_trips_and_needs_its_owner(tmp_path):
     assert not any(isinstance(m, SignLockLinear) for m in dense.modules())  # the loader's choice wins
     assert_same_signs(dense_weights(dense), before)
     tensors = load_file(tmp_path / "model.safetensors")
-    _add_one(tensors, "model.layers.0.mlp.down_proj.codebook")  # the shared codebook is checked with its owner
+    _add_one(tmp_path, tensors, owners[0], "codebook")  # the shared codebook is checked with its owner
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(CorruptCheckpointError, match=r"model\.layers\.0\.mlp\.down_proj\.weight: the stored tensors"):
+    with pytest.raises(CorruptCheckpointError, match=r"model\.layers\.0\.mlp\.down_proj\.weight: the stored payload"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
     _edit_config(tmp_path, lambda q: q["layers"][owners[0]]["codec_params"].pop("codebook_owner"))
     with pytest.raises(CorruptCheckpointError, match="shares a vq codebook, but 0 layers"):
