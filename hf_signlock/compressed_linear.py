@@ -84,6 +84,7 @@ class SignLockLinear(nn.Module):
         self.sections = payload_layout(specs)
         size = sum(nbytes for _, nbytes, _, _ in self.sections.values())
         self.register_buffer("payload", torch.zeros(size, dtype=torch.uint8, device=device), persistent=True)
+        self._views = (None, {})  # (the payload they view, name -> typed view); see stored_tensors
         self.pinned_signs = None
         self.trainable_tables: dict[str, torch.Tensor] = {}  # refinement's float32 stand-ins for stored tables
         self._table_owner = ()  # (layer,) holding the codebook this layer shares; a tuple so it is no submodule
@@ -94,12 +95,14 @@ class SignLockLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:
-        """The stored tables, flips or packed signs: typed views into ``payload``."""
-        payload = self.payload
-        if payload.storage_offset() % 8:  # a view into a loaded file's buffer may start anywhere
-            payload = payload.clone()
-        return {name: payload[offset:offset + nbytes].view(dtype).view(shape)
-                for name, (offset, nbytes, dtype, shape) in self.sections.items()}
+        """The stored tables, flips or packed signs: typed views into ``payload`` (made once per payload tensor;
+        writes go through ``write_stored``, in place, so the views stay current)."""
+        if self._views[0] is not self.payload:
+            if self.payload.storage_offset() % 8:  # a loaded payload may be a view starting at any byte
+                self.payload = self.payload.clone()
+            self._views = (self.payload, {name: self.payload[offset:offset + nbytes].view(dtype).view(shape)
+                                          for name, (offset, nbytes, dtype, shape) in self.sections.items()})
+        return dict(self._views[1])
 
     def write_stored(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy tensors into their payload sections (export and refinement; shapes and dtypes must match)."""
@@ -146,8 +149,6 @@ class SignLockLinear(nn.Module):
         """Check the stored tensors and the decoded signs; returns the signs, bit-packed."""
         if self.payload.device.type == "meta":
             raise CorruptCheckpointError(f"{self.param_name}: the checkpoint has no `payload` tensor for this layer")
-        if self.payload.storage_offset() % 8:
-            self.payload = self.payload.clone()  # aligned, so the typed views need no copy from now on
         if payload_digest(self.payload) != self.record["stored_checksum"]:
             raise CorruptCheckpointError(
                 f"{self.param_name}: the stored payload does not match the checksum recorded at export "

@@ -24,6 +24,10 @@ _kernels = None
 def _compile():
     import numba
 
+    # The helpers are module globals, not closure cells: numba cannot cache a kernel that closes over other jitted
+    # functions, and recompiled it in every process (about 2 s on the first load).
+    global code_of, sign_of
+
     @numba.njit(inline="always")
     def code_of(codes, width, mask, j):  # code of group j: ``width`` bits at bit j * width (one spare byte after)
         offset = j * width

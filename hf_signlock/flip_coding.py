@@ -161,6 +161,10 @@ def decode_flips(blob: bytes, numel: int) -> np.ndarray:
     if k > numel or m < 1 or m > 2 * numel + 2:
         raise CorruptCheckpointError(f"flip stream: impossible header (flips={k}, weights={numel}, m={m})")
     unary_len = reader.varint("unary length")
+    if k == 0:  # a layer without flips, the common case: nothing follows (and the array work is a load-time cost)
+        if unary_len or reader.at != len(reader.data):
+            raise CorruptCheckpointError("flip stream: trailing bytes after the last stream")
+        return np.zeros(0, dtype=np.int64)
     width, cut = _remainder_layout(m)
     first = _fixed_width_values(_unpack_bits(reader.take((k * width + 7) // 8, "remainder"), k * width), width, k)
     unary = _unpack_bits(reader.take(unary_len, "quotient"), unary_len * 8)

@@ -44,3 +44,28 @@ def test_kernel_path_is_taken_on_cpu():
     decode_kernel._kernels = None
     test_kernel_matches_torch_path.hypothesis.inner_test(rows=3, cols=5, width=4, group=2, row_scales="bf16", seed=0)
     assert decode_kernel._kernels is not None
+
+
+@pytest.mark.slow
+def test_compiled_kernels_are_reused_by_the_next_process(tmp_path):
+    """numba's on-disk cache must hit: a miss recompiles the kernels in every process (seconds on the first load)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from hf_signlock import decode_kernel as dk, sign_kernel, signs\n"
+        "cb = torch.ones(256, 9).bfloat16(); rs = torch.ones(10).bfloat16(); bits = torch.zeros(10, dtype=torch.uint8)\n"
+        "for dtype in (torch.float32, torch.bfloat16):\n"
+        "    dk.vq_decode(torch.zeros(9, dtype=torch.uint8), 8, 9, cb, rs, bits, (10, 8), 1e-3, dtype)\n"
+        "signs.seeded_signs(0, 'w', 640)\n"
+        "kernels = [*dk._kernels, sign_kernel._kernel]\n"
+        "print(sum(k.stats.cache_hits.total() for k in kernels), sum(k.stats.cache_misses.total() for k in kernels))\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+            for _ in range(2)]
+    first, second = ([int(n) for n in run.stdout.split()] for run in runs)
+    assert first[1] > 0  # compiled and written once ...
+    assert second == [first[1], 0]  # ... then every kernel loaded from the cache, none recompiled
