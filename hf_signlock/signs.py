@@ -72,6 +72,8 @@ def _logical_rshift(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _splitmix64_words(key: int, first_word: int, num_words: int, device: torch.device) -> torch.Tensor:
     """Words ``first_word .. first_word + num_words`` of the stream, as int64 holding the uint64 bits."""
+    if device.type == "cpu" and _use_kernel():
+        return torch.from_numpy(sign_kernel.seeded_words(key, first_word, num_words).view(np.int64))
     if device.type == "cpu":  # numpy: native uint64 wrap-around and logical shifts, less per-op overhead
         return _splitmix64_words_numpy(key, first_word, num_words)
     return _splitmix64_words_torch(key, first_word, num_words, device)

@@ -59,8 +59,8 @@ def test_compiled_kernels_are_reused_by_the_next_process(tmp_path):
         "cb = torch.ones(256, 9).bfloat16(); rs = torch.ones(10).bfloat16(); bits = torch.zeros(10, dtype=torch.uint8)\n"
         "for dtype in (torch.float32, torch.bfloat16):\n"
         "    dk.vq_decode(torch.zeros(9, dtype=torch.uint8), 8, 9, cb, rs, bits, (10, 8), 1e-3, dtype)\n"
-        "signs.seeded_signs(0, 'w', 640)\n"
-        "kernels = [*dk._kernels, sign_kernel._kernel]\n"
+        "signs.seeded_signs(0, 'w', 640); signs.seeded_sign_bits(0, 'w', 640)\n"
+        "kernels = [*dk._kernels, *sign_kernel._kernels]\n"
         "print(sum(k.stats.cache_hits.total() for k in kernels), sum(k.stats.cache_misses.total() for k in kernels))\n"
     )
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}

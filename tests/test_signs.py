@@ -147,13 +147,14 @@ def test_cuda_matches_cpu_bit_for_bit():
 
 
 @pytest.mark.parametrize(("first_word", "num_words"), [(0, 1), (3, 100), (10**9, 1000)])
-def test_accelerator_hash_path_equals_cpu_path(first_word, num_words):
-    """The torch-ops hash (used on GPUs) is run on the CPU here, against the numpy one the CPU uses."""
+def test_hash_paths_agree(first_word, num_words):
+    """The three word generators: torch ops (GPUs; run on the CPU here), numpy and the numba kernel (CPU)."""
     from hf_signlock.signs import _splitmix64_words_numpy, _splitmix64_words_torch
 
     key = sign_key(6, "x.weight")
-    torch_words = _splitmix64_words_torch(key, first_word, num_words, torch.device("cpu"))
-    assert torch.equal(torch_words, _splitmix64_words_numpy(key, first_word, num_words))
+    numpy_words = _splitmix64_words_numpy(key, first_word, num_words)
+    assert torch.equal(_splitmix64_words_torch(key, first_word, num_words, torch.device("cpu")), numpy_words)
+    assert np.array_equal(sign_kernel.seeded_words(key, first_word, num_words), numpy_words.numpy().view(np.uint64))
 
 
 @pytest.mark.parametrize(("numel", "start"), [(1, 0), (8, 8), (13, 64), (1000, 24), (100_003, 64 * 77 + 8)])
