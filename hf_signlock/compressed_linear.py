@@ -25,21 +25,11 @@ from .signs import reference_signs, seeded_sign_bits
 _DTYPES = {str(t).removeprefix("torch."): t for t in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
 
 
-def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """Checksum of named tensors (names, dtypes, shapes and bytes, in name order)."""
-    digest = hashlib.blake2b(digest_size=8)
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().contiguous().cpu()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # hashed in place, no bytes copy
-    return digest.hexdigest()
-
-
 def payload_layout(specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, tuple]:
     """Where each stored tensor lives in a layer's one ``payload`` byte tensor: name -> (offset, bytes, dtype, shape).
 
-    One tensor per layer, because the loader's cost is per stored tensor (four per layer was most of the gap to a
-    dense load). Sections go widest element first (in spec order within a width): every offset is then a multiple
+    One tensor per layer, because the loader's cost is per stored tensor (four per layer were a large part of the gap
+    to a dense load). Sections go widest element first (in spec order within a width): every offset is then a multiple
     of its element size with no padding, so the views need no copy and every payload byte is a stored bit.
     """
     layout, offset = {}, 0
@@ -51,7 +41,10 @@ def payload_layout(specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dic
 
 
 def payload_digest(payload: torch.Tensor) -> str:
-    return tensor_digest({"payload": payload})
+    """Checksum of a layer's payload: its size and every byte (hashed in place, no copy)."""
+    digest = hashlib.blake2b(f"payload|{payload.numel()}|".encode(), digest_size=8)
+    digest.update(payload.detach().contiguous().cpu().numpy())
+    return digest.hexdigest()
 
 
 def sign_digest(signs: torch.Tensor) -> str:
