@@ -36,6 +36,12 @@ def guard_tensors(config) -> dict[str, torch.Tensor]:
     return {first: message, GUARD_KEY: message.clone()}
 
 
+def _replace(modules: dict[str, torch.nn.Module], name: str, module: torch.nn.Module) -> None:
+    """``model.set_submodule(name, module)`` through a ``named_modules()`` map made once, not a walk per layer."""
+    parent, _, child = name.rpartition(".")
+    setattr(modules[parent], child, module)
+
+
 class SignLockHfQuantizer(HfQuantizer):
     requires_calibration = False
 
@@ -53,20 +59,18 @@ class SignLockHfQuantizer(HfQuantizer):
                     f"{param_name}: the SignLock config names a layer this {type(model).__name__} does not have"
                 )
             layers.append(SignLockLinear(param_name, record, config, device="meta"))
-            parent, _, child = module_name.rpartition(".")
-            setattr(modules[parent], child, layers[-1])  # what set_submodule does, without a walk per layer
+            _replace(modules, module_name, layers[-1])
         link_shared_tables(layers)  # the payload sizes depend on who stores the codebook: check that before loading
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         dtype = model.get_input_embeddings().weight.dtype  # the dtype the model was loaded in
-        layers = {name: module for name, module in model.named_modules() if isinstance(module, SignLockLinear)}
+        modules = dict(model.named_modules())
+        layers = {name: module for name, module in modules.items() if isinstance(module, SignLockLinear)}
         signs = {name: layer.verify() for name, layer in layers.items()}  # every layer checked before any is used
         if self.quantization_config.dequantize:
-            parents = dict(model.named_modules())
             for name, layer in layers.items():
-                parent, _, child = name.rpartition(".")
-                setattr(parents[parent], child, dense_module(layer, layer.decode_weight(signs.pop(name), dtype)))
+                _replace(modules, name, dense_module(layer, layer.decode_weight(signs.pop(name), dtype)))
         return model
 
     def get_state_dict_and_metadata(self, model):
