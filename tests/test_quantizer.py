@@ -139,6 +139,18 @@ def test_damaged_checkpoint_is_refused(tmp_path, damage, message):
         AutoModelForCausalLM.from_pretrained(folder)
 
 
+def test_truncated_payload_is_refused_even_when_size_mismatches_are_ignored(tmp_path):
+    folder = _export(tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    key = "model.layers.0.mlp.down_proj.payload"
+    tensors[key] = tensors[key][:-3].clone()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # transformers' own size check
+        AutoModelForCausalLM.from_pretrained(folder)
+    with pytest.raises(CorruptCheckpointError, match=r"model\.layers\.0\.mlp\.down_proj\.weight: the stored payload"):
+        AutoModelForCausalLM.from_pretrained(folder, ignore_mismatched_sizes=True)  # re-initialised: ours catches it
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda q: q.update(format_version=9), "format version 9"),
     (lambda q: q.update(codec="zip"), "`codec` must be one of"),
