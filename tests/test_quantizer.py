@@ -2,6 +2,7 @@
 and every kind of bad checkpoint refused with the layer's name."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -128,7 +129,7 @@ def _drop(folder, tensors):
 @pytest.mark.parametrize("damage, message", [
     (_add_one, r"model\.layers\.1\.mlp\.up_proj\.weight: the stored payload"),
     (_flip_a_bit, r"model\.layers\.0\.self_attn\.q_proj\.weight: "),
-    (_drop, r"model\.layers\.0\.mlp\.down_proj\.weight: "),
+    (_drop, r"model\.layers\.0\.mlp\.down_proj\.weight: the checkpoint has no `model\.layers\.0\.mlp\.down_proj\.payload`"),
 ], ids=["corrupted-tensor", "corrupted-flip-stream", "missing-tensor"])
 def test_damaged_checkpoint_is_refused(tmp_path, damage, message):
     folder = _export(tmp_path)
@@ -139,16 +140,38 @@ def test_damaged_checkpoint_is_refused(tmp_path, damage, message):
         AutoModelForCausalLM.from_pretrained(folder)
 
 
-def test_truncated_payload_is_refused_even_when_size_mismatches_are_ignored(tmp_path):
+def test_sharded_checkpoint_round_trips_and_a_missing_payload_in_any_shard_is_refused(tmp_path):
+    model = trained_model("llama")
+    dense = model(IDS).logits
+    quantize_model(model, SignLockConfig(seed=SEED, codec="exact"))
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(IDS).logits, dense)
+    last = load_file(shards[-1])
+    key = next(k for k in last if k.endswith(".payload"))
+    del last[key]
+    save_file(last, shards[-1], metadata={"format": "pt"})
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    del index["weight_map"][key]
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CorruptCheckpointError, match=rf"the checkpoint has no `{re.escape(key)}` tensor"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_truncated_payload_is_refused_before_loading(tmp_path):
+    """Read from the safetensors header: transformers would otherwise report a size mismatch, or with
+    ``ignore_mismatched_sizes`` fill the payload with uninitialised memory."""
     folder = _export(tmp_path)
     tensors = load_file(folder / "model.safetensors")
     key = "model.layers.0.mlp.down_proj.payload"
+    size = tensors[key].numel()
     tensors[key] = tensors[key][:-3].clone()
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # transformers' own size check
-        AutoModelForCausalLM.from_pretrained(folder)
-    with pytest.raises(CorruptCheckpointError, match=r"model\.layers\.0\.mlp\.down_proj\.weight: the stored payload"):
-        AutoModelForCausalLM.from_pretrained(folder, ignore_mismatched_sizes=True)  # re-initialised: ours catches it
+    message = rf"model\.layers\.0\.mlp\.down_proj\.weight: the stored payload is U8\[{size - 3}\], the layer record needs U8\[{size}\]"
+    for ignore_mismatched_sizes in (False, True):
+        with pytest.raises(CorruptCheckpointError, match=message):
+            AutoModelForCausalLM.from_pretrained(folder, ignore_mismatched_sizes=ignore_mismatched_sizes)
 
 
 @pytest.mark.parametrize("edit, message", [
