@@ -46,7 +46,7 @@ def run(model, targets, batches, sharded):
     state = tracker.state_dict()  # gathered to whole tensors on every rank
     # A position-weighted checksum of each gathered tensor: equal sums mean equal values at equal positions.
     record["state_checksum"] = {k: (v.long().reshape(-1) * torch.arange(v.numel())).sum().item() for k, v in state.items()}
-    record["state_checksumpes"] = {k: list(v.shape) for k, v in state.items()}
+    record["state_shapes"] = {k: list(v.shape) for k, v in state.items()}
     record["local_shapes"] = {t.name: list(reference.signs(t).shape) for t in targets}
     # A tracker restored from the whole-tensor state (as a resumed run does) continues exactly like this one.
     resumed = FlipTracker(reference)
@@ -84,6 +84,9 @@ def main():
     if rank == 0:
         with open(sys.argv[1], "w") as handle:
             json.dump({"whole": whole, "sharded": sharded, "world": world}, handle)
+    # Both ranks finish every collective before either tears gloo down: once, on CI, a rank that got here first
+    # aborted in teardown ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -30,7 +30,7 @@ def test_fsdp2_shards_match_the_whole_model(tmp_path):
     assert sharded["flips"] == whole["flips"]
     assert sharded["near_zero"] == whole["near_zero"]
     assert sharded["histogram"] == whole["histogram"]
-    assert sharded["state_checksumpes"] == whole["state_checksumpes"]  # gathered to whole tensors for the checkpoint
+    assert sharded["state_shapes"] == whole["state_shapes"]  # gathered to whole tensors for the checkpoint
     assert sharded["state_checksum"] == whole["state_checksum"]
     # Equal up to the float order of the gradient reduce-scatter and of the summed shares of R.
     assert sharded["loss"] == pytest.approx(whole["loss"], rel=1e-5)
