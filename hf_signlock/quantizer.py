@@ -9,7 +9,7 @@ expected and skipped.
 
 ``from_pretrained`` of a SignLock checkpoint: the model is built on the meta device, ``SignLockLinear`` modules
 replace the target layers (their stored tensors have the shapes recorded in ``config.layers``), the checkpoint's
-safetensors headers are checked for every layer's payload, the standard loader fills them by name, and after loading every layer is verified (checksums of the stored tensors and of the decoded
+safetensors headers are checked for every layer's tensors, the standard loader fills them by name, and after loading every layer is verified (checksums of the stored tensors and of the decoded
 signs) and, with ``dequantize=True``, swapped for a dense ``nn.Linear`` / ``Conv1D``.
 """
 
@@ -43,29 +43,32 @@ def _replace(modules: dict[str, torch.nn.Module], name: str, module: torch.nn.Mo
     setattr(modules[parent], child, module)
 
 
-def check_payloads_are_stored(layers: list[SignLockLinear], checkpoint_files: list[str]) -> None:
-    """Every layer's payload is in the checkpoint, at the size its record gives. Checked from the safetensors
-    headers before loading because transformers would fill a missing or mis-sized tensor with uninitialised memory
-    (``empty_like``) and go on; the checksum would refuse that, but not by name and not every time."""
+def check_layers_are_stored(layers: list[SignLockLinear], checkpoint_files: list[str]) -> None:
+    """Every tensor of every layer (payload, bias) is in the checkpoint at the shape its record gives. Checked from
+    the safetensors headers before loading: transformers would fill a missing or mis-sized tensor with uninitialised
+    memory (``empty_like``) and go on, and no ``_init_weights`` knows our module. The payload checksum would refuse
+    such a payload, but not by name and not every time; nothing would refuse such a bias."""
     stored = {}
     for path in checkpoint_files:
         if str(path).endswith(".safetensors"):  # other formats keep only the checksum check
             with safe_open(path, "pt") as file:
-                stored.update((key, file.get_slice(key)) for key in file.keys())
+                stored.update((key, file.get_slice(key)) for key in file.keys())  # noqa: SIM118 (not a dict)
     if not stored:
         return
     for layer in layers:
-        key = layer.param_name.removesuffix("weight") + "payload"
-        if key not in stored:
-            raise CorruptCheckpointError(
-                f"{layer.param_name}: the checkpoint has no `{key}` tensor; export the model again or restore the file"
-            )
-        shape, dtype = stored[key].get_shape(), stored[key].get_dtype()
-        if shape != [layer.payload.numel()] or dtype != "U8":
-            raise CorruptCheckpointError(
-                f"{layer.param_name}: the stored payload is {dtype}{shape}, the layer record needs "
-                f"U8[{layer.payload.numel()}] (truncated file, or a tensor from another checkpoint)"
-            )
+        prefix = layer.param_name.removesuffix("weight")
+        for name, expected in layer.state_dict(keep_vars=True).items():
+            if prefix + name not in stored:
+                raise CorruptCheckpointError(
+                    f"{layer.param_name}: the checkpoint has no `{prefix + name}` tensor; export the model again or "
+                    "restore the file"
+                )
+            shape = stored[prefix + name].get_shape()
+            if shape != list(expected.shape):
+                raise CorruptCheckpointError(
+                    f"{layer.param_name}: the stored {name} has shape {shape}, the layer record needs "
+                    f"{list(expected.shape)} (truncated file, or a tensor from another checkpoint)"
+                )
 
 
 class SignLockHfQuantizer(HfQuantizer):
@@ -87,7 +90,7 @@ class SignLockHfQuantizer(HfQuantizer):
             layers.append(SignLockLinear(param_name, record, config, device="meta"))
             _replace(modules, module_name, layers[-1])
         link_shared_tables(layers)  # the payload sizes depend on who stores the codebook: check that before loading
-        check_payloads_are_stored(layers, kwargs.get("checkpoint_files") or [])
+        check_layers_are_stored(layers, kwargs.get("checkpoint_files") or [])
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):

@@ -159,6 +159,19 @@ def test_sharded_checkpoint_round_trips_and_a_missing_payload_in_any_shard_is_re
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
+def test_missing_bias_is_refused_not_left_uninitialised(tmp_path):
+    """No ``_init_weights`` knows SignLockLinear: a bias transformers reports missing would hold stale memory."""
+    model = trained_model("gpt2")
+    quantize_model(model, SignLockConfig(seed=SEED, codec="exact"))
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["transformer.h.0.mlp.c_fc.bias"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CorruptCheckpointError, match=r"transformer\.h\.0\.mlp\.c_fc\.weight: the checkpoint has no "
+                                                     r"`transformer\.h\.0\.mlp\.c_fc\.bias`"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
 def test_truncated_payload_is_refused_before_loading(tmp_path):
     """Read from the safetensors header: transformers would otherwise report a size mismatch, or with
     ``ignore_mismatched_sizes`` fill the payload with uninitialised memory."""
@@ -168,7 +181,7 @@ def test_truncated_payload_is_refused_before_loading(tmp_path):
     size = tensors[key].numel()
     tensors[key] = tensors[key][:-3].clone()
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    message = rf"model\.layers\.0\.mlp\.down_proj\.weight: the stored payload is U8\[{size - 3}\], the layer record needs U8\[{size}\]"
+    message = rf"model\.layers\.0\.mlp\.down_proj\.weight: the stored payload has shape \[{size - 3}\], the layer record needs \[{size}\]"
     for ignore_mismatched_sizes in (False, True):
         with pytest.raises(CorruptCheckpointError, match=message):
             AutoModelForCausalLM.from_pretrained(folder, ignore_mismatched_sizes=ignore_mismatched_sizes)
