@@ -9,8 +9,9 @@ expected and skipped.
 
 ``from_pretrained`` of a SignLock checkpoint: the model is built on the meta device, ``SignLockLinear`` modules
 replace the target layers (their stored tensors have the shapes recorded in ``config.layers``), the checkpoint's
-safetensors headers are checked for every layer's tensors, the standard loader fills them by name, and after loading every layer is verified (checksums of the stored tensors and of the decoded
-signs) and, with ``dequantize=True``, swapped for a dense ``nn.Linear`` / ``Conv1D``.
+safetensors headers are checked for every layer's tensors, the standard loader fills them by name, and after loading
+every layer is verified (checksums of the stored tensors and of the decoded signs) and, with ``dequantize=True``,
+swapped for a dense ``nn.Linear`` / ``Conv1D``.
 """
 
 from __future__ import annotations
