@@ -49,27 +49,26 @@ def check_layers_are_stored(layers: list[SignLockLinear], checkpoint_files: list
     the safetensors headers before loading: transformers would fill a missing or mis-sized tensor with uninitialised
     memory (``empty_like``) and go on, and no ``_init_weights`` knows our module. The payload checksum would refuse
     such a payload, but not by name and not every time; nothing would refuse such a bias."""
-    stored = {}
-    for path in checkpoint_files:
-        if str(path).endswith(".safetensors"):  # other formats keep only the checksum check
-            with safe_open(path, "pt") as file:
-                stored.update((key, file.get_slice(key)) for key in file.keys())  # noqa: SIM118 (not a dict)
-    if not stored:
+    files = [path for path in checkpoint_files if str(path).endswith(".safetensors")]
+    if not files:  # other formats keep only the checksum check
         return
-    for layer in layers:
-        prefix = layer.param_name.removesuffix("weight")
-        for name, expected in layer.state_dict(keep_vars=True).items():
-            if prefix + name not in stored:
-                raise CorruptCheckpointError(
-                    f"{layer.param_name}: the checkpoint has no `{prefix + name}` tensor; export the model again or "
-                    "restore the file"
-                )
-            shape = stored[prefix + name].get_shape()
-            if shape != list(expected.shape):
-                raise CorruptCheckpointError(
-                    f"{layer.param_name}: the stored {name} has shape {shape}, the layer record needs "
-                    f"{list(expected.shape)} (truncated file, or a tensor from another checkpoint)"
-                )
+    expected = {layer.param_name.removesuffix("weight") + name: (layer, name, list(tensor.shape))
+                for layer in layers for name, tensor in layer.state_dict(keep_vars=True).items()}
+    stored = {}
+    for path in files:
+        with safe_open(path, "pt") as file:
+            keys = [key for key in file.keys() if key in expected]  # noqa: SIM118 (a safe_open handle, not a dict)
+            stored.update((key, file.get_slice(key).get_shape()) for key in keys)
+    for key, (layer, name, shape) in expected.items():
+        if key not in stored:
+            raise CorruptCheckpointError(
+                f"{layer.param_name}: the checkpoint has no `{key}` tensor; export the model again or restore the file"
+            )
+        if stored[key] != shape:
+            raise CorruptCheckpointError(
+                f"{layer.param_name}: the stored {name} has shape {stored[key]}, the layer record needs {shape} "
+                "(truncated file, or a tensor from another checkpoint)"
+            )
 
 
 class SignLockHfQuantizer(HfQuantizer):
