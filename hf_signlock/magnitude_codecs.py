@@ -261,6 +261,11 @@ class VectorCodec(MagnitudeCodec):
         return stored, _grouped(magnitude / scale[:, None], params["group"])
 
     @staticmethod
+    def _stores_codebook(params) -> bool:
+        """A layer's own codebook, or the shared one it stores for the others."""
+        return not params.get("shared") or bool(params.get("codebook_owner"))
+
+    @staticmethod
     def _row_scale(stored) -> torch.Tensor:
         if "row_scale" in stored:
             return stored["row_scale"].float()
@@ -272,7 +277,7 @@ class VectorCodec(MagnitudeCodec):
         if len(codebook) < size:  # fewer groups than codewords: unused rows keep the stored shape fixed
             codebook = torch.cat([codebook, codebook[-1:].expand(size - len(codebook), -1)])
         stored["codes"] = pack_uint(index, params["bits"])
-        if not params.get("shared") or params.get("codebook_owner"):
+        if self._stores_codebook(params):
             stored["codebook"] = codebook.to(torch.bfloat16)
         return stored
 
@@ -282,7 +287,7 @@ class VectorCodec(MagnitudeCodec):
         if len(vectors) > self._SAMPLE:
             pick = torch.randperm(len(vectors), generator=torch.Generator().manual_seed(0))[: self._SAMPLE]
             vectors = vectors[pick]
-        codebook, _ = _kmeans(vectors, 1 << params["bits"], params.get("iterations", 25))
+        codebook = _kmeans(vectors, 1 << params["bits"], params.get("iterations", 25))
         return codebook.to(torch.bfloat16).float()  # groups are assigned against the codebook as stored
 
     def encode(self, magnitude, params):
@@ -323,7 +328,7 @@ class VectorCodec(MagnitudeCodec):
         else:
             specs = {"row_scale": ((shape[0] if mode == "bf16" else 1,), torch.bfloat16)}
         specs["codes"] = ((packed_bytes(groups, params["bits"]),), torch.uint8)
-        if not params.get("shared") or params.get("codebook_owner"):
+        if self._stores_codebook(params):
             specs["codebook"] = (((1 << params["bits"]), params["group"]), torch.bfloat16)
         return specs
 
@@ -336,7 +341,7 @@ def _grouped(matrix: torch.Tensor, group: int) -> torch.Tensor:
     return flat.view(-1, group)
 
 
-def _kmeans(vectors: torch.Tensor, k: int, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _kmeans(vectors: torch.Tensor, k: int, iterations: int) -> torch.Tensor:
     """Lloyd's k-means, seeded by quantiles of the vector norms (deterministic)."""
     k = min(k, vectors.shape[0])
     order = vectors.norm(dim=1).argsort()
@@ -346,7 +351,7 @@ def _kmeans(vectors: torch.Tensor, k: int, iterations: int) -> tuple[torch.Tenso
         sums = torch.zeros_like(centroids).index_add_(0, index, vectors)
         counts = torch.bincount(index, minlength=k).unsqueeze(1)
         centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
-    return centroids, _nearest(vectors, centroids)
+    return centroids  # assignments are made by the caller, against the codebook as stored
 
 
 def _nearest(vectors: torch.Tensor, centroids: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
