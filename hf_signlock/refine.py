@@ -92,6 +92,7 @@ def refine(model: nn.Module, dataset, steps: int, learning_rate: float = 1e-3, b
         leaf = module.stored_tensors()[name].float().requires_grad_(True)
         module.trainable_tables[name] = leaf
         leaves.append(leaf)
+    objective = "lm" if teacher is None else "teacher"
     loss_fn = lm_loss if teacher is None else distillation_loss(teacher)
     losses = train_steps(model, leaves, dataset, steps, learning_rate, batch_size, seed, loss_fn)
     model.eval()
@@ -101,5 +102,5 @@ def refine(model: nn.Module, dataset, steps: int, learning_rate: float = 1e-3, b
     for layer in layers:
         layer.pinned_signs = None
         layer.record["stored_checksum"] = payload_digest(layer.payload)
-    return {"steps": steps, "learning_rate": learning_rate, "batch_size": batch_size, "loss": "lm" if teacher is None else "teacher",
+    return {"steps": steps, "learning_rate": learning_rate, "batch_size": batch_size, "loss": objective,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
