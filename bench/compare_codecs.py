@@ -23,14 +23,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_signlock import SignLockConfig, SignLockConfigError, quantize_model
 from hf_signlock.bpw import RECORD_BITS, bits_report
-from hf_signlock.compressed_linear import flip_positions, link_shared_tables
+from hf_signlock.quantization.linear import flip_positions, link_shared_tables
 from hf_signlock.data import build_lm_datasets, load_raw_datasets
-from hf_signlock.evaluate import perplexity
-from hf_signlock.export import signs_of_run
-from hf_signlock.flip_coding import encode_flips
-from hf_signlock.magnitude_codecs import VectorCodec
-from hf_signlock.recipe import parse_recipe
-from hf_signlock.refine import refine, train_steps
+from hf_signlock.evaluation.perplexity import perplexity
+from hf_signlock.quantization.export import signs_of_run
+from hf_signlock.quantization.flip_coding import encode_flips
+from hf_signlock.quantization.codecs import VectorCodec
+from hf_signlock.training.recipe import parse_recipe
+from hf_signlock.quantization.refine import refine, train_steps
 from hf_signlock.signs import reference_signs
 from hf_signlock.targets import find_target_modules
 

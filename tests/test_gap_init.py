@@ -16,7 +16,7 @@ from hf_signlock import (
     seeded_signs,
     template_signs,
 )
-from hf_signlock.targets import InitDistribution
+from hf_signlock.training.init_distribution import InitDistribution
 
 SMALL = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=128, bos_token_id=0, eos_token_id=1)

@@ -48,8 +48,8 @@ def test_push_to_hub_from_python(tmp_path):
     dense = trained_model("llama")(IDS).logits
     with LoopbackHub() as hub:
         code = ("import torch, hf_signlock; from test_quantizer import trained_model, SEED\n"
-                "m = hf_signlock.quantize_model(trained_model('llama'), hf_signlock.SignLockConfig(seed=SEED))\n"
-                "m.push_to_hub('me/from-python')\n"
+                "m = hf_signlock.quantize_model(trained_model('llama'), hf_signlock.SignLockConfig(seed=SEED, codec='exact'))\n"
+                "hf_signlock.push_to_hub(m, 'me/from-python')\n"
                 "from transformers import AutoModelForCausalLM\n"
                 "back = AutoModelForCausalLM.from_pretrained('me/from-python')\n"
                 f"torch.save(back(torch.tensor({IDS.tolist()})).logits, 'logits.pt')")

@@ -7,7 +7,7 @@ import pytest
 
 from hf_signlock import DataError, RecipeError, SignLockConfigError
 from hf_signlock.cli import main
-from hf_signlock.recipe import parse_recipe
+from hf_signlock.training.recipe import parse_recipe
 
 RECIPES = Path(__file__).parent.parent / "recipes"
 

@@ -12,14 +12,15 @@ from reference_signs import numpy_signs
 
 from hf_signlock import (
     SignLockConfigError,
+    kernels,
     pack_signs,
     seeded_signs,
-    sign_kernel,
     sign_key,
     template_signs,
     unpack_signs,
 )
-from hf_signlock import signs as signs_module
+from hf_signlock.kernels import signs as sign_kernel
+from hf_signlock.signs import generator as signs_module
 
 # (seed, name, start) -> (key, first 64 signs). Frozen: a change here is a new format version, never an edit.
 GOLDEN = {
@@ -57,7 +58,7 @@ def test_golden_vectors(case, expected):
 )
 def test_cpu_paths_equal_numpy_twin(monkeypatch, kernel, seed, name, numel, start):
     monkeypatch.setattr(signs_module, "USE_SIGN_KERNEL", kernel)
-    assert sign_kernel.available()  # numba is a dependency: the fused path must be the one tested here
+    assert kernels.available()  # numba is a dependency: the fused path must be the one tested here
     assert np.array_equal(seeded_signs(seed, name, numel, start).numpy(), numpy_signs(seed, name, numel, start))
 
 
@@ -149,7 +150,7 @@ def test_cuda_matches_cpu_bit_for_bit():
 @pytest.mark.parametrize(("first_word", "num_words"), [(0, 1), (3, 100), (10**9, 1000)])
 def test_hash_paths_agree(first_word, num_words):
     """The three word generators: torch ops (GPUs; run on the CPU here), numpy and the numba kernel (CPU)."""
-    from hf_signlock.signs import _splitmix64_words_numpy, _splitmix64_words_torch
+    from hf_signlock.signs.generator import _splitmix64_words_numpy, _splitmix64_words_torch
 
     key = sign_key(6, "x.weight")
     numpy_words = _splitmix64_words_numpy(key, first_word, num_words)

@@ -1,0 +1,99 @@
+"""Model cards: a training run's (``model_cards/trained_model.md``) and a SignLock export's
+(``model_cards/signlock_export.md``), rendered with ``ModelCard.from_template`` from the files beside the model.
+
+The export card's metadata names what the Hub indexes: ``base_model`` with ``base_model_relation: quantized``,
+``pipeline_tag: text-generation``, the data the numbers were measured on, and a model-index of bits per weight,
+perplexity and flip rate. Reading files only, it imports nothing of training or quantization.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .constants import BPW_NAME, EVAL_NAME, STATS_NAME, TRAINING_STATS_NAME
+from .errors import SignLockError
+
+TEMPLATES = Path(__file__).resolve().parent / "model_cards"  # package data (a link to the top-level model_cards/)
+TAGS = ["hf-signlock", "sign-lock-in"]
+
+
+def _read(folder: Path, name: str) -> dict | None:
+    path = folder / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _versions(stats: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in (stats.get("versions") or {}).items() if v)
+
+
+def _results(metrics, dataset: str) -> list[EvalResult]:
+    return [EvalResult(task_type="text-generation", dataset_type="text", dataset_name=dataset, metric_type=kind,
+                       metric_name=label, metric_value=value) for kind, label, value in metrics if value is not None]
+
+
+def hub_base_model(name_or_path: str | None) -> str | None:
+    """``name_or_path`` if it names a Hub repo (``owner/name``, not a local folder), else None."""
+    if not name_or_path or os.path.exists(name_or_path) or name_or_path.count("/") != 1:
+        return None
+    return name_or_path
+
+
+def training_card(output_dir: str | os.PathLike, architecture: str) -> ModelCard:
+    """The card of a training run, from its ``signlock_stats.json``."""
+    output_dir = Path(output_dir)
+    stats = json.loads((output_dir / STATS_NAME).read_text())
+    name = output_dir.name
+    dataset = stats.get("dataset") or "held-out split"
+    results = _results([("perplexity", "Perplexity", stats["eval_perplexity"]),
+                        ("flip_rate", "Flip rate", stats["flip_rate"])], dataset)
+    base_model = hub_base_model(stats.get("model_name_or_path"))
+    card_data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=TAGS,
+                              model_name=name, eval_results=results or None, base_model=base_model,
+                              base_model_relation="finetune" if base_model else None)
+    values = {**stats, "versions": _versions(stats)}
+    return ModelCard.from_template(card_data, template_path=str(TEMPLATES / "trained_model.md"), model_name=name,
+                                   model_id=name, architecture=architecture, **values)
+
+
+def export_card(folder: str | os.PathLike, model_id: str, base_model: str | None = None) -> ModelCard:
+    """The card of a SignLock export in ``folder`` (it needs the folder's ``bpw.json``)."""
+    folder = Path(folder)
+    report = _read(folder, BPW_NAME)
+    if report is None:
+        raise SignLockError(f"{folder} has no {BPW_NAME}: export it first (`hf-signlock export RUN_DIR {folder}`), "
+                            "or save it with hf_signlock.push_to_hub / write_bits_report.")
+    config = json.loads((folder / "config.json").read_text())
+    training = _read(folder, TRAINING_STATS_NAME)
+    evaluation = _read(folder, EVAL_NAME)  # the export's own perplexity, when it was evaluated
+    if evaluation is not None:
+        perplexity, source, dataset = evaluation["perplexity"], "this compressed model", evaluation.get("dataset")
+    elif training is not None and training.get("eval_perplexity") is not None:
+        perplexity, source, dataset = training["eval_perplexity"], "the dense model before export", training.get(
+            "dataset")
+    else:
+        perplexity, source, dataset = None, None, None
+    dataset = dataset or "held-out split of the training text"
+    flip_rate = training.get("flip_rate") if training else None
+    results = _results([("bits_per_weight", "Bits per weight", report["bpw"]), ("perplexity", "Perplexity", perplexity),
+                        ("flip_rate", "Flip rate", flip_rate)], dataset)
+    base_model = base_model or hub_base_model((training or {}).get("model_name_or_path"))
+    name = model_id.split("/")[-1]
+    card_data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=[*TAGS, "sub-bit"],
+                              model_name=name, eval_results=results, base_model=base_model,
+                              base_model_relation="quantized" if base_model else None)
+    if training:
+        training = {**training, "versions": _versions(training)}
+    quantization = config["quantization_config"]
+    checkpoint = report["checkpoint"]
+    return ModelCard.from_template(
+        card_data, template_path=str(TEMPLATES / "signlock_export.md"), model_name=name, model_id=model_id,
+        architecture=(config.get("architectures") or [config.get("model_type", "")])[0], base_model=base_model,
+        seed=quantization.get("seed"), sign_source=report["sign_source"], codec=report["codec"],
+        codec_params=json.dumps(report.get("codec_params") or {}), bpw=report["bpw"], checkpoint=checkpoint,
+        flip_rate=flip_rate, perplexity=perplexity, perplexity_source=source, dataset=dataset, training=training,
+        refinement=report.get("refinement"), **report["total"],
+    )

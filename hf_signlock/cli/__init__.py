@@ -1,0 +1,44 @@
+"""``hf-signlock`` command line: one module per command, flags spelled like the Python arguments they set.
+
+    hf-signlock train --config RECIPE [--field value ...]
+    hf-signlock export RUN_DIR OUT_DIR [--codec vq] [--bits_per_weight 1.0] [--refine_steps 200] ...
+    hf-signlock evaluate DIR [--config RECIPE]
+    hf-signlock inspect DIR
+    hf-signlock push DIR REPO_ID [--private] [--revision BRANCH] [--create_pr] ...
+
+Every flag is also accepted with dashes (``--bits-per-weight``), as transformers' own parser does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import SignLockError
+from . import evaluate, export, inspect, push, train
+
+COMMANDS = {"train": train, "export": export, "evaluate": evaluate, "inspect": inspect, "push": push}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-signlock", description="Sign lock-in for Hugging Face Transformers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, module in COMMANDS.items():
+        module.add_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command != "train" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return COMMANDS[args.command].run(args, rest)
+    except SignLockError as error:
+        print(f"hf-signlock: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""``hf-signlock export RUN_DIR OUT_DIR``: compress a trained model folder into a sub-bit SignLock checkpoint.
+
+The flags are ``export_run``'s arguments, with its defaults: vq at 1 bit per weight, no refinement.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .options import boolean, option
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser("export", help="Compress a trained model folder into a sub-bit SignLock checkpoint.")
+    parser.add_argument("run_dir", help="a training run's output folder (model, tokenizer, signlock_stats.json)")
+    parser.add_argument("out_dir")
+    option(parser, "codec", default="vq", help="magnitude codec: vq (default), lowrank, scale, exact (lossless)")
+    option(parser, "bits_per_weight", type=float, default=None,
+           help="total budget per target weight, everything counted (default: 1.0 for vq and lowrank)")
+    option(parser, "codec_params", type=json.loads, default=None, help='JSON, e.g. \'{"bits": 8, "group": 16}\'')
+    option(parser, "sign_source", default=None, choices=["seed", "template", "packed"],
+           help="override the run's sign source (packed: explicit 1-bit signs)")
+    option(parser, "dequantize", type=boolean, default=None,
+           help="what from_pretrained gives by default: true dense modules (the default), false compressed ones")
+    option(parser, "refine_steps", type=int, default=0,
+           help="train the codec tables on the run's training text for N steps, signs fixed")
+    option(parser, "refine_learning_rate", type=float, default=3e-3)
+    option(parser, "refine_loss", default="lm", choices=["lm", "teacher"],
+           help="refinement objective: the LM loss, or KL from the trained dense model (teacher)")
+
+
+def run(args, rest) -> int:
+    from ..quantization.export import export_run
+
+    report = export_run(args.run_dir, args.out_dir, codec=args.codec, bits_per_weight=args.bits_per_weight,
+                        codec_params=args.codec_params, sign_source=args.sign_source, dequantize=args.dequantize,
+                        refine_steps=args.refine_steps, refine_learning_rate=args.refine_learning_rate,
+                        refine_loss=args.refine_loss)
+    total, checkpoint = report["total"], report["checkpoint"]
+    flips = f"{total['flips']:,} flips" if report["sign_source"] != "packed" else "packed signs"
+    print(f"{args.out_dir}: {report['bpw']:.4f} bits per target weight ({total['weights']:,} weights, {flips}, "
+          f"codec {report['codec']}); checkpoint {checkpoint['bytes']:,} bytes, "
+          f"{checkpoint['bits_per_parameter']:.3f} bits per parameter")
+    return 0

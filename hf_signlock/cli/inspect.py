@@ -1,0 +1,47 @@
+"""``hf-signlock inspect DIR``: the bits of a SignLock checkpoint, per target layer, in total and for the whole file.
+
+Counted from the files themselves (see ``hf_signlock.quantization.bits``), not read from ``bpw.json``.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .options import option
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser("inspect", help="Bits of a SignLock checkpoint, per layer, in total, whole file.")
+    parser.add_argument("folder")
+    option(parser, "json", action="store_true", help="print the report as JSON")
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
+                               enumerate(zip(row, widths))) for row in rows)
+
+
+def run(args, rest) -> int:
+    from ..quantization.bits import checkpoint_report
+
+    report = checkpoint_report(args.folder)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    rows = [("layer", "weights", "flips", "sign bits", "magnitude bits", "other bits", "bpw")]
+    for name, layer in [*report["layers"].items(), ("total", report["total"])]:
+        flips = "-" if layer["flips"] is None else f"{layer['flips']:,}"
+        rows.append((name, f"{layer['weights']:,}", flips, f"{layer['sign_bits']:,.0f}",
+                     f"{layer['magnitude_bits']:,.0f}", f"{layer['other_bits']:,.0f}",
+                     f"{layer['total_bits'] / layer['weights']:.4f}"))
+    print(_table(rows))
+    checkpoint = report["checkpoint"]
+    print(f"\nsigns: {report['sign_source']}, codec: {report['codec']} {report.get('codec_params') or ''}")
+    print(f"bits per target weight: {report['bpw']:.4f} (every byte a target layer adds: payload, bias, header "
+          "entries, its record, its share of the SignLock overhead)")
+    print(f"checkpoint: {checkpoint['bytes']:,} bytes for {checkpoint['parameters']:,} parameters = "
+          f"{checkpoint['bits_per_parameter']:.3f} bits per parameter; target layers {checkpoint['target_bytes']:,.0f} "
+          f"bytes, the rest (embeddings, head, norms, headers, config) {checkpoint['rest_bytes']:,.0f} bytes; "
+          f"dense bf16: {checkpoint['dense_bf16_bytes']:,} bytes")
+    return 0

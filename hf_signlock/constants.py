@@ -1,0 +1,29 @@
+"""File names and format versions: every name a run or an export writes, and every version a reader checks.
+
+A format version is bumped whenever old files would be misread by new code; readers refuse versions they do not
+know instead of guessing.
+"""
+
+# --- formats ----------------------------------------------------------------------------------------------------------
+SIGNS_FORMAT_VERSION = 1  # the seeded sign generator (see hf_signlock/signs/generator.py and docs/method.md)
+EXPORT_FORMAT_VERSION = 3  # SignLock checkpoints. 3: compact binary layer records; 2: JSON records; 1: a tensor per table
+FLIP_CODE_VERSION = 1  # the coded flip stream inside each layer's payload
+QUANT_METHOD = "signlock"  # `quantization_config.quant_method` in config.json
+
+# SplitMix64 (Steele, Lea & Flood 2014), the counter-based hash behind the seeded signs. Shared by the reference
+# implementation (signs/) and the compiled kernels (kernels/), which must agree bit for bit.
+SIGN_KEY_DOMAIN = b"hf_signlock/signs/v1\x00"
+SPLITMIX_GAMMA = 0x9E3779B97F4A7C15
+SPLITMIX_MUL1 = 0xBF58476D1CE4E5B9
+SPLITMIX_MUL2 = 0x94D049BB133111EB
+
+# --- files of a training run --------------------------------------------------------------------------------------------
+STATS_NAME = "signlock_stats.json"  # flip rate, crossing histogram, settings, data, library versions
+STATE_NAME = "signlock_state.safetensors"  # tracking state inside each Trainer checkpoint (for resuming)
+INITIAL_MODEL_DIR = "initial"  # the step-0 model, with save_initial_model=True
+
+# --- files of an export -------------------------------------------------------------------------------------------------
+BPW_NAME = "bpw.json"  # bits of every target layer and of the whole checkpoint
+EVAL_NAME = "eval.json"  # perplexity measured by `hf-signlock evaluate`
+TRAINING_STATS_NAME = "training_" + STATS_NAME  # the run's stats, copied beside the export
+CARD_NAME = "README.md"  # the model card

@@ -1,0 +1,120 @@
+"""Fused CPU decoding of a vq layer: packed signs x codebook x row scales -> dense weight, in one pass.
+
+Written by hand because no library fuses a bit-packed code gather with a sign bitmap: with torch ops the codes
+are unpacked to int64, gathered into a float32 copy, scaled, clamped, multiplied by an int8 sign tensor and cast,
+each a walk over the whole layer (the profile of ``bench/bench_load.py`` put most of the load time there). Here
+one pass writes each float32 weight once, rows in parallel (a second rounds it to bf16 when asked). The
+arithmetic is the torch path's exactly (float32 product, clamp to the floor, times the +-1 sign; bf16 by
+round-to-nearest-even), and ``tests/test_decode_kernel.py`` holds the two equal bit for bit. Compiled on first
+use (about a second, then cached on disk).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+from . import available
+
+_kernels = None
+
+
+def _compile():
+    import numba
+
+    # The helpers are module globals, not closure cells: numba cannot cache a kernel that closes over other jitted
+    # functions, and recompiled it in every process (about 2 s on the first load).
+    global code_of, sign_of
+
+    @numba.njit(inline="always")
+    def code_of(codes, width, mask, j):  # code of group j: ``width`` bits at bit j * width (one spare byte after)
+        offset = j * width
+        pair = np.int64(codes[offset >> 3]) | (np.int64(codes[(offset >> 3) + 1]) << 8)
+        return (pair >> (offset & 7)) & mask
+
+    @numba.njit(inline="always")
+    def sign_of(sign_bits, k):  # +1.0 / -1.0 from bit k (1 = +1); multiplying by it is exact
+        return np.float32(((sign_bits[k >> 3] >> (k & 7)) & 1) * 2 - 1)
+
+    # Plain 2-D indexing with whole groups in the inner loop, and the sign multiplied in: a row view with a
+    # variable-length inner loop measured about 3x slower, and a branch on the (random) sign slower still.
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def weights(codes, width, group, codebook, row_scale, sign_bits, floor, out):
+        """out[r, c] = sign * max(codebook[code, position] * row_scale[r], floor), float32."""
+        rows, cols = out.shape
+        mask = (1 << width) - 1
+        for r in numba.prange(rows):
+            scale = row_scale[r]
+            first = r * cols
+            j = first // group
+            p = first - j * group  # a group may straddle rows: the row starts at position p of group j
+            c = 0
+            if p:
+                code = code_of(codes, width, mask, j)
+                c = min(group - p, cols)
+                for q in range(c):
+                    out[r, q] = max(codebook[code, p + q] * scale, floor) * sign_of(sign_bits, first + q)
+                j += 1
+            full = (cols - c) // group
+            for t in range(full):
+                code = code_of(codes, width, mask, j + t)
+                base = c + t * group
+                for q in range(group):
+                    out[r, base + q] = max(codebook[code, q] * scale, floor) * sign_of(sign_bits, first + base + q)
+            j += full
+            c += full * group
+            if c < cols:
+                code = code_of(codes, width, mask, j)
+                for q in range(cols - c):
+                    out[r, c + q] = max(codebook[code, q] * scale, floor) * sign_of(sign_bits, first + c + q)
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def to_bf16(bits, out):
+        """Round to nearest even, as torch casts float32 to bfloat16 (``out``: uint16 bits)."""
+        rows, cols = bits.shape
+        for r in numba.prange(rows):
+            for c in range(cols):
+                b = bits[r, c]
+                out[r, c] = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+
+    return weights, to_bf16
+
+
+def vq_decode(codes: torch.Tensor, width: int, group: int, codebook: torch.Tensor, row_scale: torch.Tensor,
+              sign_bits: torch.Tensor, shape: tuple[int, int], floor: float, dtype: torch.dtype) -> torch.Tensor:
+    """``sign * max(codebook[code] * row_scale, floor)`` of every position, in ``dtype`` (float32 or bfloat16)."""
+    global _kernels
+    if _kernels is None:
+        _kernels = _compile()
+    rows, cols = shape
+    codes = np.concatenate([codes.numpy(), np.zeros(1, np.uint8)])
+    codebook = codebook.float().contiguous().numpy()
+    scale = row_scale.float().expand(rows).contiguous().numpy()
+    bits = sign_bits.numpy()
+    weights, to_bf16 = _kernels
+    bf16 = dtype == torch.bfloat16
+    weight = _scratch(rows * cols).reshape(rows, cols) if bf16 else np.empty((rows, cols), dtype=np.float32)
+    weights(codes, width, group, codebook, scale, bits, np.float32(floor), weight)
+    if not bf16:
+        return torch.from_numpy(weight)
+    out = np.empty((rows, cols), dtype=np.uint16)
+    to_bf16(weight.view(np.uint32), out)
+    return torch.from_numpy(out).view(torch.bfloat16)
+
+
+_local = threading.local()
+
+
+def _scratch(size: int) -> np.ndarray:
+    """A float32 buffer kept per thread: bf16 loads decode layer after layer through it instead of faulting in a
+    fresh one per layer."""
+    buffer = getattr(_local, "buffer", None)
+    if buffer is None or buffer.size < size:
+        buffer = _local.buffer = np.empty(size, dtype=np.float32)
+    return buffer[:size]
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    return available() and all(t.device.type == "cpu" and not t.requires_grad for t in tensors)

@@ -1,0 +1,181 @@
+"""Bits of a SignLock checkpoint, counted from the files as written: every byte a target layer adds, and the rest.
+
+A target layer adds to the checkpoint:
+
+* ``sign_bits``: its coded flip stream (or its packed signs, for ``sign_source="packed"``);
+* ``magnitude_bits``: its codec tables and codes, with its share of a codebook shared across layers;
+* ``other_bits``: its bias; the entries of its tensors in the safetensors header; its record in ``config.json``
+  (its base64 characters); and its share (pro rata by weights) of the SignLock overhead every export carries once:
+  the rest of ``quantization_config``, the two guard tensors and their header entries, the ``signlock`` metadata.
+
+``bpw`` is their sum over all target layers divided by the number of target weights. The report also gives the
+whole checkpoint (``config.json``, weight files, shard index): its bytes, its parameters (embeddings and head
+included, tied weights once) and its bits per parameter, beside what a dense bf16 checkpoint of the same model
+takes. The parts add up to the files' sizes exactly; ``rest`` holds what is not SignLock's (other tensors, header
+framing, the rest of the config).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from ..constants import BPW_NAME
+from ..errors import SignLockError
+from ..targets import find_target_modules
+from .config import SignLockConfig
+from .flip_coding import flip_count
+from .guard import GUARD_KEY, GUARD_TEXT
+from .linear import SignLockLinear
+from .records import encoded_size
+
+_SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.float32: "F32", torch.float16: "F16",
+                       torch.bfloat16: "BF16", torch.float64: "F64"}
+_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
+LAYER_FIELDS = ("weights", "flips", "sign_bits", "magnitude_bits", "other_bits", "total_bits")
+
+
+def header_entry_bytes(key: str, dtype: str, shape, begin: int, end: int) -> int:
+    """Bytes a tensor's entry takes in a safetensors header (compact JSON, with the comma that separates it)."""
+    entry = json.dumps({key: {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}},
+                       separators=(",", ":"))
+    return len(entry) - 1  # without the outer braces, plus one separating comma
+
+
+def config_entry_bytes(name: str, value) -> int:
+    """Bytes an entry adds to ``config.json`` as transformers writes it (``indent=2, sort_keys=True``)."""
+    def size(d):
+        return len(json.dumps(d, indent=2, sort_keys=True))
+    return size({"_": 0, name: value}) - size({"_": 0})
+
+
+def signlock_overhead_bytes(quantization_config: dict, first_target: str, offset_digits: int) -> float:
+    """The bytes every SignLock export carries once, shared by its layers: ``quantization_config`` without its
+    records, the guard tensors (data and header entries) and the ``signlock`` header metadata."""
+    config_bytes = config_entry_bytes("quantization_config", quantization_config) - len(quantization_config["layers"])
+    offset = 10 ** (offset_digits - 1)
+    guards = sum(1 + header_entry_bytes(key, "U8", [1], offset, offset + 1) for key in (first_target, GUARD_KEY))
+    metadata = len(json.dumps({"signlock": GUARD_TEXT}, separators=(",", ":"))) - 1
+    return config_bytes + guards + metadata
+
+
+def read_safetensors_headers(folder: Path) -> tuple[dict[str, dict], int]:
+    """Every tensor's header entry of the folder's weight files (with the file and where its data starts), and the
+    files' total size."""
+    entries, total = {}, 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as handle:
+            length = struct.unpack("<Q", handle.read(8))[0]
+            header = json.loads(handle.read(length))
+        header.pop("__metadata__", None)
+        for entry in header.values():
+            entry["file"], entry["data_start"] = path, 8 + length + entry["data_offsets"][0]
+        entries.update(header)
+        total += path.stat().st_size
+    return entries, total
+
+
+def _entry_bytes(key: str, entry: dict) -> int:
+    return header_entry_bytes(key, entry["dtype"], entry["shape"], *entry["data_offsets"])
+
+
+def _data_bytes(entry: dict) -> int:
+    begin, end = entry["data_offsets"]
+    return end - begin
+
+
+def _meta_model(folder: Path, config: dict):
+    """The model of ``folder``, built on the meta device from its config (no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_config = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "quantization_config"})
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config)
+
+
+def checkpoint_report(folder: str | os.PathLike) -> dict:
+    """Bits of every target layer of the SignLock checkpoint in ``folder`` and of the whole checkpoint."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    if config.get("quantization_config", {}).get("quant_method") != "signlock":
+        raise SignLockError(f"{folder} is not a SignLock checkpoint (its config.json has no signlock "
+                            "quantization_config): export one with `hf-signlock export RUN_DIR OUT_DIR`.")
+    qc = config["quantization_config"]
+    signlock = SignLockConfig.from_dict(qc)
+    model = _meta_model(folder, config)
+    targets = find_target_modules(model, signlock.target_modules)
+    records = signlock.layer_records([f"{name}.weight" for name in targets])
+    entries, weight_file_bytes = read_safetensors_headers(folder)
+    digits = len(str(weight_file_bytes))
+    shared = signlock_overhead_bytes(qc, next(iter(records)), digits)
+    total_weights = sum(math.prod(module.weight.shape) for module in targets.values())
+
+    layers, codebook_bytes, sharing = {}, 0, []
+    for (module_name, module), (param_name, record) in zip(targets.items(), records.items()):
+        layer = SignLockLinear.like(module, param_name, record, signlock)
+        weights = math.prod(layer.shape)
+        sections = {name: nbytes for name, (_, nbytes, _, _) in layer.sections.items()}
+        sign_bytes = sections.pop("flips", 0) + sections.pop("sign_bits", 0)
+        if record["codec_params"].get("codebook_owner"):
+            codebook_bytes = sections.pop("codebook")
+        if record["codec_params"].get("shared"):
+            sharing.append(param_name)
+        own_keys = [f"{module_name}.payload"] + ([f"{module_name}.bias"] if module.bias is not None else [])
+        missing = [key for key in own_keys if key not in entries]
+        if missing:
+            raise SignLockError(f"{folder}: the weight files have no {missing[0]} tensor")
+        bias_bytes = _data_bytes(entries[own_keys[-1]]) if module.bias is not None else 0
+        other = (bias_bytes + sum(_entry_bytes(key, entries[key]) for key in own_keys)
+                 + encoded_size(record, layer.codec) + shared * weights / total_weights)
+        layers[param_name] = {"weights": weights, "flips": _stored_flips(layer, entries[own_keys[0]]),
+                              "sign_bits": 8 * sign_bytes, "magnitude_bits": 8 * sum(sections.values()),
+                              "other_bits": 8 * other}
+    sharing_weights = sum(layers[name]["weights"] for name in sharing)
+    for name in sharing:  # the codebook its owner stores, charged to every layer that uses it
+        layers[name]["magnitude_bits"] += 8 * codebook_bytes * layers[name]["weights"] / sharing_weights
+    for layer in layers.values():
+        layer["total_bits"] = layer["sign_bits"] + layer["magnitude_bits"] + layer["other_bits"]
+        layer["bpw"] = layer["total_bits"] / layer["weights"]
+    total = {field: sum(layer[field] or 0 for layer in layers.values()) for field in LAYER_FIELDS}
+    target_bytes = total["total_bits"] / 8
+
+    files = {name: (folder / name).stat().st_size for name in _MODEL_FILES if (folder / name).exists()}
+    checkpoint_bytes = weight_file_bytes + sum(files.values())
+    parameters = sum(p.numel() for p in model.parameters())
+    return {
+        "bpw": total["total_bits"] / total["weights"],
+        "sign_source": signlock.sign_source, "codec": signlock.codec, "codec_params": signlock.codec_params,
+        "total": total,
+        "layers": layers,
+        "checkpoint": {
+            "bytes": checkpoint_bytes,
+            "files": {**files, "*.safetensors": weight_file_bytes},
+            "parameters": parameters,
+            "bits_per_parameter": 8 * checkpoint_bytes / parameters,
+            "target_bytes": target_bytes,
+            "rest_bytes": checkpoint_bytes - target_bytes,  # embeddings, head, norms, header framing, the rest of config
+            "dense_bf16_bytes": 2 * parameters,
+        },
+    }
+
+
+def _stored_flips(layer, payload_entry: dict) -> int | None:
+    """The flip count of a stored layer, read from its flip stream's header in the weight file."""
+    if "flips" not in layer.sections:
+        return None
+    offset, nbytes, _, _ = layer.sections["flips"]
+    with open(payload_entry["file"], "rb") as handle:
+        handle.seek(payload_entry["data_start"] + offset)
+        return flip_count(handle.read(min(nbytes, 32)))
+
+
+def write_bits_report(folder: str | os.PathLike, extra: dict | None = None) -> dict:
+    """Count the checkpoint in ``folder`` and write ``bpw.json`` beside it; returns the report."""
+    report = {**checkpoint_report(folder), **(extra or {})}
+    Path(folder, BPW_NAME).write_text(json.dumps(report, indent=2))
+    return report

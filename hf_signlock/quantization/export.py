@@ -1,0 +1,88 @@
+"""``export_run``: a trained model folder -> a SignLock checkpoint folder (model, tokenizer, ``bpw.json``).
+
+The seed, sign source and targets come from the run's ``signlock_stats.json``; a folder without one (any dense or
+Hub model) is exported with ``packed`` signs, 1 bit each, and says so. With ``refine_steps`` the codec tables are
+trained on the run's own training text, every sign fixed (``refine.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from transformers.utils import logging
+
+from ..constants import STATS_NAME, TRAINING_STATS_NAME
+from ..errors import SignLockConfigError
+from .bits import write_bits_report
+from .config import SignLockConfig
+from .quantize import quantize_model
+
+logger = logging.get_logger(__name__)
+REFINE_LOSSES = ("lm", "teacher")
+
+
+def signs_of_run(run_dir: str | os.PathLike) -> dict:
+    """Seed and sign source of a training run, from its ``signlock_stats.json``; ``packed`` signs (with the reason)
+    when the run was not trained from our seeded init."""
+    path = Path(run_dir, STATS_NAME)
+    if not path.exists():
+        return {"sign_source": "packed", "why": f"{path} is missing: not a SignLockTrainer run"}
+    stats = json.loads(path.read_text())
+    if stats.get("reference_mode") != "seed":
+        return {"sign_source": "packed", "why": "the run fine-tuned from captured signs, not from a seeded init"}
+    modules = [name.removesuffix(".weight") for name in stats.get("target_modules", [])]
+    return {"sign_source": stats.get("sign_source", "seed"), "seed": stats["seed"],
+            "template_rank": stats.get("template_rank", 8), "target_modules": modules or None}
+
+
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: str = "vq",
+               codec_params: dict | None = None, bits_per_weight: float | None = None, sign_source: str | None = None,
+               dequantize: bool | None = None, refine_steps: int = 0, refine_learning_rate: float = 3e-3,
+               refine_loss: str = "lm", data_args=None) -> dict:
+    """Compress a trained model folder into ``out_dir`` (model, tokenizer, ``bpw.json``); returns the bits report.
+
+    The arguments are ``SignLockConfig``'s (``bits_per_weight`` None: the codec's default budget, 1.0 for vq) and
+    refinement's (``refine_steps`` of AdamW at ``refine_learning_rate`` on the LM loss, or with
+    ``refine_loss="teacher"`` on the KL divergence from the dense model)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if refine_loss not in REFINE_LOSSES:
+        raise SignLockConfigError(f"`refine_loss` must be 'lm' or 'teacher' (the dense model), got {refine_loss!r}.")
+    signs = signs_of_run(run_dir)
+    if signs["sign_source"] == "packed" and sign_source is None:
+        logger.warning(f"Exporting {run_dir} with packed signs (1 bit per weight): {signs['why']}.")
+    config = SignLockConfig(
+        seed=signs.get("seed"), sign_source=sign_source or signs["sign_source"],
+        template_rank=signs.get("template_rank", 8), target_modules=signs.get("target_modules"), codec=codec,
+        codec_params=codec_params, bits_per_weight=bits_per_weight, dequantize=dequantize,
+    )
+    model = AutoModelForCausalLM.from_pretrained(run_dir)
+    quantize_model(model, config)
+    refinement = None
+    if refine_steps > 0:
+        teacher = AutoModelForCausalLM.from_pretrained(run_dir) if refine_loss == "teacher" else None
+        refinement = _refine_on_run_data(model, run_dir, refine_steps, refine_learning_rate, data_args, teacher)
+    model.save_pretrained(out_dir)
+    try:
+        AutoTokenizer.from_pretrained(run_dir).save_pretrained(out_dir)
+    except (OSError, ValueError):
+        logger.warning(f"{run_dir} has no tokenizer; exporting the model alone.")
+    if Path(run_dir, STATS_NAME).exists():  # the card and `evaluate` read the training run's figures from here
+        shutil.copy(Path(run_dir, STATS_NAME), Path(out_dir, TRAINING_STATS_NAME))
+    return write_bits_report(out_dir, {"refinement": refinement} if refinement else None)
+
+
+def _refine_on_run_data(model, run_dir, steps: int, learning_rate: float, data_args=None, teacher=None) -> dict:
+    """Refine on the training split of the data the run was trained on."""
+    from transformers import AutoTokenizer
+
+    from ..data import build_lm_datasets, data_arguments_of, load_raw_datasets
+    from .refine import refine
+
+    data_args = data_args or data_arguments_of(run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    train = build_lm_datasets(load_raw_datasets(data_args), tokenizer, data_args)["train"]
+    return refine(model, train, steps, learning_rate, teacher=teacher)

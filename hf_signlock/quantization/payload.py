@@ -1,0 +1,45 @@
+"""A compressed layer's stored bytes: its one ``payload`` tensor, the layout of the tables inside it, and checksums.
+
+One uint8 tensor per layer, because the loader's cost is per stored tensor (one per table was a large part of the
+gap to a dense load). Sections go widest element first (in spec order within a width): every offset is then a
+multiple of its element size with no padding, so the typed views need no copy and every payload byte is a stored
+bit. Checksums are 64-bit blake2b digests, written into the layer's record at export and checked at load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import torch
+
+CHECKSUM_BYTES = 8
+
+
+def payload_layout(specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, tuple]:
+    """Where each stored tensor lives in the payload: name -> (offset, bytes, dtype, shape)."""
+    layout, offset = {}, 0
+    for name, (shape, dtype) in sorted(specs.items(), key=lambda item: -item[1][1].itemsize):
+        nbytes = math.prod(shape) * dtype.itemsize
+        layout[name] = (offset, nbytes, dtype, tuple(shape))
+        offset += nbytes
+    return layout
+
+
+def payload_digest(payload: torch.Tensor) -> str:
+    """Checksum of a layer's payload: its size and every byte."""
+    digest = hashlib.blake2b(f"payload|{payload.numel()}|".encode(), digest_size=CHECKSUM_BYTES)
+    digest.update(payload.detach().contiguous().cpu().numpy())
+    return digest.hexdigest()
+
+
+def bits_digest(sign_bits: torch.Tensor) -> str:
+    """Checksum of bit-packed signs (``pack_signs`` layout)."""
+    return hashlib.blake2b(sign_bits.detach().cpu().contiguous().numpy(), digest_size=CHECKSUM_BYTES).hexdigest()
+
+
+def sign_digest(signs: torch.Tensor) -> str:
+    """Checksum of int8 signs: that of their packed bits."""
+    bits = np.packbits(signs.reshape(-1).cpu().numpy() > 0, bitorder="little")  # = pack_signs, in one numpy pass
+    return bits_digest(torch.from_numpy(bits))

@@ -1,0 +1,181 @@
+"""``quantize_model``: replace a model's target layers by ``SignLockLinear`` modules, as a ``SignLockConfig`` says.
+
+Signs first: the trained weight's sign (zero counts as +1) is stored as the flips against the seeded reference (or
+as packed bits), and their cost sets each layer's magnitude budget, together with its bias and its share of the
+checkpoint's SignLock overhead (estimated from above, so the written checkpoint stays within the budget). Then the
+codec plans every layer's parameters at once (a shared codebook is fitted over all layers) and each layer is
+encoded and swapped in. The config becomes ``model.config.quantization_config``, so ``save_pretrained`` /
+``push_to_hub`` write a checkpoint that ``from_pretrained`` loads back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from ..errors import SignLockConfigError
+from ..signs import pack_signs, reference_signs
+from ..targets import find_target_modules
+from .bits import header_entry_bytes, signlock_overhead_bytes
+from .codecs import make_codec
+from .config import SignLockConfig
+from .flip_coding import encode_flips
+from .linear import SignLockLinear, layout_of, link_shared_tables
+from .payload import CHECKSUM_BYTES, payload_digest, sign_digest
+from .records import encoded_size
+
+logger = logging.get_logger(__name__)
+_HIGH_FLIP_RATE = 0.4  # above this, the weights were not trained from the config's seed
+
+
+def flip_positions(trained_signs: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
+    """Flat positions where ``trained_signs`` differ from ``reference`` (sorted)."""
+    return torch.nonzero((trained_signs != reference).reshape(-1)).reshape(-1).numpy()
+
+
+def _sign_tensors(param_name: str, weight: torch.Tensor, config: SignLockConfig) -> tuple[dict, dict]:
+    """The tensors that store the signs of ``weight`` (coded flips, or packed bits) and their record fields."""
+    signs = torch.where(weight >= 0, 1, -1).to(torch.int8)
+    if config.sign_source == "packed":
+        return {"sign_bits": pack_signs(signs)}, {"flip_bytes": 0, "flips": None, "sign_checksum": sign_digest(signs)}
+    reference = reference_signs(config.seed, param_name, weight.shape, config.sign_source, config.template_rank)
+    positions = flip_positions(signs, reference)
+    blob = encode_flips(positions, weight.numel())
+    return ({"flips": torch.frombuffer(bytearray(blob), dtype=torch.uint8)},
+            {"flips": len(positions), "flip_bytes": len(blob), "sign_checksum": sign_digest(signs)})
+
+
+def _overhead_bits(targets: dict[str, nn.Module], config: SignLockConfig, flip_bytes: dict[str, int],
+                   model_bytes: int) -> dict[str, float]:
+    """An upper estimate of what each layer adds to the checkpoint besides its payload data and bias data: its
+    header entries, its record and its share of the export's overhead (see ``bits.py``, which counts them exactly
+    once written). Offsets are taken with as many digits as the dense model's size has."""
+    digits = len(str(model_bytes))
+    offset = 10 ** (digits - 1)
+    codec = make_codec(config.codec, config.codec_params)
+    draft = {**config.to_dict(), "layers": "", "targets_checksum": "0" * 2 * CHECKSUM_BYTES, "dtype": "bfloat16"}
+    names = [f"{name}.weight" for name in targets]
+    shared = signlock_overhead_bytes(draft, names[0], digits)
+    total = sum(module.weight.numel() for module in targets.values())
+    largest_params = {"bits": 8, "group": 1 << 20, "row_scales": "layer", "shared": 1, "codebook_owner": 1}
+    overhead = {}
+    for name, module in zip(names, targets.values()):
+        prefix = name.removesuffix("weight")
+        record = {"flip_bytes": flip_bytes[name], "codec_params": {k: v for k, v in largest_params.items()
+                                                                    if k in codec.stored_params},
+                  "stored_checksum": "0" * 16, "sign_checksum": "0" * 16}
+        entries = header_entry_bytes(prefix + "payload", "U8", [model_bytes], offset, offset)
+        if module.bias is not None:
+            entries += header_entry_bytes(prefix + "bias", "F32", list(module.bias.shape), offset, offset)
+        overhead[name] = 8 * (entries + math.ceil(encoded_size(record, codec)) + 1
+                              + shared * module.weight.numel() / total)
+    return overhead
+
+
+def _bias_bits(module: nn.Module) -> int:
+    return 0 if module.bias is None else module.bias.numel() * module.bias.element_size() * 8
+
+
+def _model_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def check_budget_is_possible(targets: dict[str, nn.Module], config: SignLockConfig) -> None:
+    """Refuse, before any weight is read, a budget that packed signs alone exceed (1 bit per weight plus the bias
+    and the layer's overhead). Seeded signs cost what the flips cost: known only once the weights are."""
+    budget = config.budget
+    if budget is None or config.sign_source != "packed":
+        return
+    need = max((8 * math.ceil(module.weight.numel() / 8) + _bias_bits(module)) / module.weight.numel()
+               for module in targets.values())
+    if budget <= need:
+        raise SignLockConfigError(
+            f"bits_per_weight={budget} cannot hold packed signs: they alone take 1 bit per weight ({need:.3f} with "
+            "the bias). Raise bits_per_weight above 1 (e.g. 1.5), or store the signs as coded flips against a seed: "
+            "sign_source='seed' for a model trained from hf_signlock's seeded init."
+        )
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, config: SignLockConfig) -> nn.Module:
+    """Compress the target layers of ``model`` in place; returns the model."""
+    config.check_seed()
+    targets = find_target_modules(model, config.target_modules)
+    check_budget_is_possible(targets, config)
+    dtypes = {module.weight.dtype for module in targets.values()}
+    if len(dtypes) != 1:
+        raise SignLockConfigError(f"The target layers hold weights of several dtypes {sorted(map(str, dtypes))}; "
+                                  "cast the model to one dtype (model.to(torch.float32)) before quantizing it.")
+    config.dtype = str(dtypes.pop()).removeprefix("torch.")
+    weights = {f"{name}.weight": module.weight.detach().cpu() for name, module in targets.items()}
+    progress = logging.tqdm(total=2 * len(weights), desc="SignLock: signs and codes", unit="layer")
+    signs = {}
+    for name, weight in weights.items():
+        signs[name] = _sign_tensors(name, weight, config)
+        progress.update()
+    _warn_if_not_seeded(signs, weights, config)
+    modules = {f"{name}.weight": module for name, module in targets.items()}
+    budget = config.budget
+    budgets = {name: None for name in weights}
+    if budget is not None:
+        overhead = _overhead_bits(targets, config, {n: s[1]["flip_bytes"] for n, s in signs.items()},
+                                  _model_bytes(model))
+        budgets = {name: budget * weight.numel() - 8 * sum(t.numel() for t in signs[name][0].values())
+                   - _bias_bits(modules[name]) - overhead[name] for name, weight in weights.items()}
+    codec = make_codec(config.codec, config.codec_params)
+    plan = codec.plan({name: (tuple(weight.shape), budgets[name]) for name, weight in weights.items()})
+
+    def encoded_one_by_one(names):
+        for name in names:
+            yield name
+            progress.update()
+
+    encoded = codec.encode_all({name: (lambda w=weight: w.abs()) for name, weight in weights.items()}, plan,
+                               progress=encoded_one_by_one)
+    progress.close()
+    records, layers = {}, []
+    for (module_name, module), (param_name, weight) in zip(targets.items(), weights.items()):
+        sign_tensors, sign_record = signs.pop(param_name)
+        record = {"codec_params": plan[param_name], **sign_record}
+        layer = SignLockLinear.like(module, param_name, record, config, device="cpu")
+        layer.write_stored({**encoded.pop(param_name), **sign_tensors})
+        if module.bias is not None:
+            layer.bias = nn.Parameter(module.bias.detach().cpu().clone(), requires_grad=False)
+        record["stored_checksum"] = payload_digest(layer.payload)
+        records[param_name] = record
+        layers.append(layer.to(module.weight.device))
+        model.set_submodule(module_name, layers[-1])
+    link_shared_tables(layers)
+    config.set_layer_records(records)
+    _mark_quantized(model, config)
+    return model
+
+
+def _warn_if_not_seeded(signs: dict, weights: dict, config: SignLockConfig) -> None:
+    if config.sign_source == "packed":
+        return
+    flips = sum(record["flips"] for _, record in signs.values())
+    rate = flips / sum(weight.numel() for weight in weights.values())
+    if rate > _HIGH_FLIP_RATE:
+        logger.warning(
+            f"{rate:.1%} of the target weights disagree with the signs of seed {config.seed}: this model was not "
+            "trained from that seed, and its coded flips cost about as much as packed signs. Use the run's "
+            "sign_seed, or sign_source='packed'."
+        )
+
+
+def _mark_quantized(model: nn.Module, config: SignLockConfig) -> None:
+    """What ``from_pretrained`` would have set on a model loaded from the checkpoint."""
+    # Imported here: importing transformers' registry registers our quantizer, which imports this module.
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    model.config.quantization_config = config
+    model.hf_quantizer = AutoHfQuantizer.from_config(config, pre_quantized=True)  # ours, by quant_method
+    model.is_quantized = True
+    model.quantization_method = config.quant_method
+    if hasattr(model, "add_model_tags"):
+        model.add_model_tags(["hf-signlock", "signlock"])

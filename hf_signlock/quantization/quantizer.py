@@ -1,0 +1,189 @@
+"""The transformers quantizer for ``quant_method: signlock`` (transformers 5 loading flow).
+
+Loading a SignLock checkpoint: the model is built on the meta device, ``SignLockLinear`` modules replace the target
+layers (shapes from the architecture, codec parameters from the layer records), the checkpoint's safetensors headers
+are checked for every layer's tensors, the standard loader fills them by name, and after loading every layer is
+verified (checksums of the stored bytes and of the decoded signs) and, unless ``dequantize=False``, swapped for a
+dense ``nn.Linear`` / ``Conv1D`` in the dtype the model was loaded in.
+
+Quantizing on load: ``from_pretrained(dense, quantization_config=SignLockConfig(...))`` loads the dense weights as
+usual, then compresses the target layers (``quantize_model``).
+
+``model.dequantize()`` decodes every compressed layer into a dense one and drops the quantization config.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from safetensors import safe_open
+from transformers.quantizers.base import HfQuantizer
+
+from ..errors import CorruptCheckpointError, SignLockConfigError, SignLockError
+from ..targets import find_target_modules
+from .guard import GUARD_TEXT, guard_tensors
+from .linear import SignLockLinear, link_shared_tables
+from .quantize import check_budget_is_possible, quantize_model
+
+
+def _replace(modules: dict[str, torch.nn.Module], name: str, module: torch.nn.Module) -> None:
+    """``model.set_submodule(name, module)`` through a ``named_modules()`` map made once, not a walk per layer."""
+    parent, _, child = name.rpartition(".")
+    setattr(modules[parent], child, module)
+
+
+def compressed_layers(model: torch.nn.Module) -> dict[str, SignLockLinear]:
+    """``module_name -> SignLockLinear`` of ``model``, in model order."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, SignLockLinear)}
+
+
+def dequantize_layers(model: torch.nn.Module, dtype: torch.dtype | None = None, verify: bool = True) -> torch.nn.Module:
+    """Replace every ``SignLockLinear`` of ``model`` by its dense module (every layer checked before any is used)."""
+    modules = dict(model.named_modules())
+    layers = compressed_layers(model)
+    signs = {name: layer.verify() if verify else None for name, layer in layers.items()}
+    for name, layer in layers.items():
+        _replace(modules, name, layer.dense(signs.pop(name), dtype))
+    return model
+
+
+def check_layers_are_stored(layers: list[SignLockLinear], checkpoint_files: list[str]) -> None:
+    """Every tensor of every layer (payload, bias) is in the checkpoint at the shape its record gives. Checked from
+    the safetensors headers before loading: transformers would fill a missing or mis-sized tensor with uninitialised
+    memory (``empty_like``) and go on, and no ``_init_weights`` knows our module. The payload checksum would refuse
+    such a payload, but not by name and not every time; nothing would refuse such a bias."""
+    files = [path for path in checkpoint_files if str(path).endswith(".safetensors")]
+    if not files:  # other formats keep only the checksum check
+        return
+    expected = {layer.param_name.removesuffix("weight") + name: (layer, name, list(tensor.shape))
+                for layer in layers for name, tensor in layer.state_dict(keep_vars=True).items()}
+    stored = {}
+    for path in files:
+        with safe_open(path, "pt") as file:
+            keys = [key for key in file.keys() if key in expected]  # noqa: SIM118 (a safe_open handle, not a dict)
+            stored.update((key, file.get_slice(key).get_shape()) for key in keys)
+    for key, (layer, name, shape) in expected.items():
+        if key not in stored:
+            raise CorruptCheckpointError(
+                f"{layer.param_name}: the checkpoint has no `{key}` tensor; export the model again or restore the file"
+            )
+        if stored[key] != shape:
+            raise CorruptCheckpointError(
+                f"{layer.param_name}: the stored {name} has shape {stored[key]}, the layer record needs {shape} "
+                "(truncated file, or a tensor from another checkpoint)"
+            )
+
+
+class SignLockHfQuantizer(HfQuantizer):
+    """Loads SignLock checkpoints, quantizes dense models on load, dequantizes, and saves them back."""
+
+    requires_calibration = False
+
+    def validate_environment(self, device_map=None, **kwargs):
+        """Refuse what SignLock layers cannot do: offloading weights to the CPU or disk, a device with no backend."""
+        if not isinstance(device_map, dict):
+            devices = set() if device_map is None else {device_map}
+        else:
+            devices = {str(device) for device in device_map.values()}
+        if "disk" in devices or ("cpu" in devices and len(devices) > 1):
+            raise SignLockConfigError(
+                f"device_map={device_map!r} offloads part of the model to the CPU or disk; SignLock layers decode "
+                "their weight where their payload lives and cannot be offloaded. Load on one device "
+                "(device_map='cpu' or 'cuda'), or give the GPUs enough max_memory for the whole model."
+            )
+        if any(str(device).startswith("cuda") or device == "auto" for device in devices) \
+                and not torch.cuda.is_available() and devices - {"cpu", "auto"}:
+            raise SignLockConfigError(
+                f"device_map={device_map!r} names a CUDA device, but this torch build has no CUDA backend. Load with "
+                "device_map='cpu', or install a CUDA build of torch."
+            )
+        if not self.pre_quantized:
+            self.quantization_config.check_seed()
+
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise SignLockConfigError(f"dtype={dtype} is not supported; load in float32, bfloat16 or float16.")
+        return dtype
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        config = self.quantization_config
+        targets = find_target_modules(model, config.target_modules)
+        if not self.pre_quantized:  # quantize on load: dense weights load as usual; refuse an impossible budget now
+            check_budget_is_possible(targets, config)
+            return model
+        records = config.layer_records([f"{name}.weight" for name in targets])
+        model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
+            re.escape(key) + "$" for key in guard_tensors(next(iter(records)))
+        }
+        modules = dict(model.named_modules())
+        layers = []
+        for (module_name, module), (param_name, record) in zip(targets.items(), records.items()):
+            layers.append(SignLockLinear.like(module, param_name, record, config))
+            layers[-1].to(model.config.dtype)  # the dtype the model is loaded in (the bias is cast on load)
+            _replace(modules, module_name, layers[-1])
+        link_shared_tables(layers)  # the payload sizes depend on who stores the codebook: check that before loading
+        check_layers_are_stored(layers, checkpoint_files or [])
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        config = self.quantization_config
+        if not self.pre_quantized:
+            quantize_model(model, config)  # checked by construction
+        dense = config.dequantize_on_load(self.pre_quantized)
+        if dense:
+            dequantize_layers(model, model.config.dtype, verify=self.pre_quantized)
+        elif self.pre_quantized:
+            for layer in compressed_layers(model).values():  # every layer checked before any is used
+                layer.verify()
+        return model
+
+    def postprocess_model(self, model, **kwargs):
+        """As transformers' own, with ``dequantize=None`` resolved (dense for checkpoints, compressed for
+        quantize-on-load) and the layers verified before the quantization config is dropped."""
+        from transformers.modeling_utils import PreTrainedModel  # imported by now; not at registration time
+
+        model.config.quantization_config = self.quantization_config
+        self._process_model_after_weight_loading(model, **kwargs)
+        if self.quantization_config.dequantize_on_load(self.pre_quantized):
+            self.remove_quantization_config(model)
+        else:
+            for module in model.modules():
+                if isinstance(module, PreTrainedModel):
+                    module.config._is_quantized = True
+            model.add_model_tags(["hf-signlock", "signlock"])
+        return model
+
+    def _dequantize(self, model, dtype=None):
+        return dequantize_layers(model, dtype)
+
+    def get_state_dict_and_metadata(self, model):
+        layers = compressed_layers(model)
+        if not layers:
+            raise SignLockError(
+                "This model holds no SignLock layers any more (they were dequantized or merged), but its config still "
+                "says quant_method='signlock'. Call model.dequantize() to save it as a dense model, or "
+                "hf_signlock.quantize_model(model, config) to compress it again."
+            )
+        records = {layer.param_name: layer.record for layer in layers.values()}
+        config = self.quantization_config
+        if config.layers is not None and config.layer_count != len(records):
+            raise SignLockError(
+                f"{config.layer_count} layers were compressed but {len(records)} remain compressed (the others were "
+                "replaced or merged): this model can no longer be saved as a SignLock checkpoint. Call "
+                "model.dequantize() to save it dense, or compress it again with hf_signlock.quantize_model."
+            )
+        config.set_layer_records(records)  # refinement renews checksums in the layers: the config follows them
+        state_dict = model.state_dict()
+        state_dict.update(guard_tensors(next(iter(records))))
+        return state_dict, {"signlock": GUARD_TEXT}
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return False
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True  # adapters (LoRA) train on top of frozen SignLock layers; see hf_signlock.quantization.lora
