@@ -17,7 +17,7 @@ setup: $(STAMP)
 
 quickstart: setup
 	$(BIN)/hf-signlock train --config recipes/quickstart.yaml
-	$(BIN)/hf-signlock export runs/quickstart runs/quickstart-vq1 --codec vq --bits-per-weight 1.0 --refine-steps 200
+	$(BIN)/hf-signlock export runs/quickstart runs/quickstart-vq1 --codec vq --bits_per_weight 1.0 --refine_steps 200
 	$(BIN)/hf-signlock evaluate runs/quickstart-vq1
 	$(BIN)/hf-signlock inspect runs/quickstart-vq1
 
@@ -32,3 +32,4 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python bench/bench_signs.py
+	$(BIN)/python bench/bench_import.py

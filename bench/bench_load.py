@@ -25,9 +25,14 @@ from timing import paired_seconds
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hf_signlock import SignLockConfig, apply_gap_init, quantize_model
-from hf_signlock.bpw import bits_report, checkpoint_bytes
+from hf_signlock.quantization.bits import checkpoint_report
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def checkpoint_bytes(folder: Path) -> int:
+    """Size of a model's weight files."""
+    return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
 
 
 def synthetic():
@@ -55,7 +60,7 @@ def measure(name: str, build, repeats: int) -> dict:
             model.to(torch.bfloat16)  # non-target tensors in bf16 on both sides
             quantize_model(model, SignLockConfig(seed=seed, codec="vq", bits_per_weight=1.0, dequantize=dequantize))
             model.save_pretrained(folder)
-        bpw = bits_report(model)["bpw"]
+        bpw = checkpoint_report(packed_dir)["bpw"]
         dense = partial(AutoModelForCausalLM.from_pretrained, dense_dir, dtype=torch.bfloat16)
         signlock = partial(AutoModelForCausalLM.from_pretrained, packed_dir, dtype=torch.bfloat16)
         compressed = partial(AutoModelForCausalLM.from_pretrained, compressed_dir)

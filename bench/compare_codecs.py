@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,17 +23,18 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_signlock import SignLockConfig, SignLockConfigError, quantize_model
-from hf_signlock.bpw import RECORD_BITS, bits_report
-from hf_signlock.quantization.linear import flip_positions, link_shared_tables
 from hf_signlock.data import build_lm_datasets, load_raw_datasets
 from hf_signlock.evaluation.perplexity import perplexity
+from hf_signlock.quantization.bits import checkpoint_report
+from hf_signlock.quantization.codecs import VectorCodec
 from hf_signlock.quantization.export import signs_of_run
 from hf_signlock.quantization.flip_coding import encode_flips
-from hf_signlock.quantization.codecs import VectorCodec
-from hf_signlock.training.recipe import parse_recipe
+from hf_signlock.quantization.linear import SignLockLinear, link_shared_tables
+from hf_signlock.quantization.quantize import flip_positions, layer_overhead_bits, model_bytes
 from hf_signlock.quantization.refine import refine, train_steps
 from hf_signlock.signs import reference_signs
 from hf_signlock.targets import find_target_modules
+from hf_signlock.training.recipe import parse_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 BUDGETS = (1.0, 0.5, 0.25, 0.1)
@@ -49,7 +51,8 @@ class SignedVectorCodec(VectorCodec):
 class SignedVQLinear(nn.Module):
     """A layer of signed vq: its tables trainable (fp32) for the same refinement the seed-sign exports get."""
 
-    def __init__(self, name: str, linear: nn.Linear, codec: SignedVectorCodec, stored: dict, params: dict):
+    def __init__(self, name: str, linear: nn.Linear, codec: SignedVectorCodec, stored: dict, params: dict,
+                 overhead_bits: float):
         super().__init__()
         self.param_name, self.shape, self.bias = name, tuple(linear.weight.shape), linear.bias
         self.codec, self.codec_params = codec, params
@@ -59,7 +62,7 @@ class SignedVQLinear(nn.Module):
             if not tensor.is_floating_point():
                 self.register_buffer(name, tensor)
         self._table_owner = ()  # (layer,) holding the shared codebook, set by link_shared_tables
-        self.bits = sum(t.numel() * t.element_size() * 8 for t in stored.values()) + RECORD_BITS
+        self.bits = sum(t.numel() * t.element_size() * 8 for t in stored.values()) + overhead_bits
 
     def forward(self, x):
         stored = {**dict(self.tables), **dict(self.named_buffers())}
@@ -71,11 +74,16 @@ class SignedVQLinear(nn.Module):
 def signed_vq(model, budget: float):
     """Replace the targets by signed vq at ``budget`` total bits per weight (no sign bits to pay); returns bpw."""
     codec = SignedVectorCodec()
-    modules = {f"{name}.weight": module for name, module in find_target_modules(model, None).items()}
-    plan = codec.plan({name: (tuple(m.weight.shape), budget * m.weight.numel() - RECORD_BITS)
+    targets = find_target_modules(model, None)
+    modules = {f"{name}.weight": module for name, module in targets.items()}
+    # The same per-layer overhead (header entries, record, shared config) as a SignLock export, without flips.
+    overhead = layer_overhead_bits(targets, SignLockConfig(seed=0, codec="vq", bits_per_weight=budget),
+                                   dict.fromkeys(modules, 0), model_bytes(model))
+    plan = codec.plan({name: (tuple(m.weight.shape), budget * m.weight.numel() - overhead[name])
                        for name, m in modules.items()})
     encoded = codec.encode_all({name: (lambda m=m: m.weight.detach().float()) for name, m in modules.items()}, plan)
-    layers = {name: SignedVQLinear(name, m, codec, encoded[name], plan[name]) for name, m in modules.items()}
+    layers = {name: SignedVQLinear(name, m, codec, encoded[name], plan[name], overhead[name])
+              for name, m in modules.items()}
     link_shared_tables(layers.values())
     for name, layer in layers.items():
         model.set_submodule(name.removesuffix(".weight"), layer)
@@ -142,15 +150,17 @@ def main(argv=None):
                 rows.append({**row, "unreachable": str(error)})
                 print(codec, budget, "unreachable", flush=True)
                 continue
-            report = bits_report(model)
-            row["bpw"] = report["bpw"]
-            row["tables"] = tables_of(record["codec_params"] for record in model.config.quantization_config.layers.values())
+            row["tables"] = tables_of(m.codec_params for m in model.modules() if isinstance(m, SignLockLinear))
             row["ppl_before_refine"] = perplexity(model, held_out)["perplexity"]
             refine(model, train, args.refine_steps, args.lr)
             row["ppl"] = perplexity(model, held_out)["perplexity"]
-            row["flip_bits_per_weight"] = report["total"]["flip_bits"] / numel
+            with tempfile.TemporaryDirectory() as folder:  # bits counted from the files, as `hf-signlock inspect` does
+                model.save_pretrained(folder)
+                report = checkpoint_report(folder)
+            row["bpw"] = report["bpw"]
+            row["sign_bits_per_weight"] = report["total"]["sign_bits"] / numel
             # The same magnitudes with packed signs, and with the baseline recipe's flips:
-            row["bpw_packed_signs"] = report["bpw"] + (numel - report["total"]["flip_bits"]) / numel
+            row["bpw_packed_signs"] = report["bpw"] + (numel - report["total"]["sign_bits"]) / numel
             row["bpw_baseline_recipe"] = report["bpw"] + (baseline_flip_bits - seed_flip_bits) / numel
             rows.append(row)
             print(row, flush=True)

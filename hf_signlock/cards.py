@@ -13,12 +13,14 @@ import os
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .constants import BPW_NAME, EVAL_NAME, STATS_NAME, TRAINING_STATS_NAME
+from .constants import BPW_NAME, EVAL_NAME, QUANT_METHOD, STATS_NAME, TRAINING_STATS_NAME
 from .errors import SignLockError
 
 TEMPLATES = Path(__file__).resolve().parent / "model_cards"  # package data (a link to the top-level model_cards/)
 TAGS = ["hf-signlock", "sign-lock-in"]
+UNKNOWN_DATA = "held-out split of the training text"  # a run that did not record its data
 
 
 def _read(folder: Path, name: str) -> dict | None:
@@ -30,14 +32,20 @@ def _versions(stats: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in (stats.get("versions") or {}).items() if v)
 
 
-def _results(metrics, dataset: str) -> list[EvalResult]:
+def _results(metrics) -> list[EvalResult]:
+    """model-index entries from ``(kind, label, value, dataset)``: each names the data it was measured on."""
     return [EvalResult(task_type="text-generation", dataset_type="text", dataset_name=dataset, metric_type=kind,
-                       metric_name=label, metric_value=value) for kind, label, value in metrics if value is not None]
+                       metric_name=label, metric_value=value) for kind, label, value, dataset in metrics
+            if value is not None]
 
 
 def hub_base_model(name_or_path: str | None) -> str | None:
     """``name_or_path`` if it names a Hub repo (``owner/name``, not a local folder), else None."""
     if not name_or_path or os.path.exists(name_or_path) or name_or_path.count("/") != 1:
+        return None
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:  # a relative path such as ./run or runs/.tmp is no repo id
         return None
     return name_or_path
 
@@ -48,8 +56,8 @@ def training_card(output_dir: str | os.PathLike, architecture: str) -> ModelCard
     stats = json.loads((output_dir / STATS_NAME).read_text())
     name = output_dir.name
     dataset = stats.get("dataset") or "held-out split"
-    results = _results([("perplexity", "Perplexity", stats["eval_perplexity"]),
-                        ("flip_rate", "Flip rate", stats["flip_rate"])], dataset)
+    results = _results([("perplexity", "Perplexity", stats["eval_perplexity"], dataset),
+                        ("flip_rate", "Flip rate", stats["flip_rate"], dataset)])
     base_model = hub_base_model(stats.get("model_name_or_path"))
     card_data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=TAGS,
                               model_name=name, eval_results=results or None, base_model=base_model,
@@ -60,26 +68,34 @@ def training_card(output_dir: str | os.PathLike, architecture: str) -> ModelCard
 
 
 def export_card(folder: str | os.PathLike, model_id: str, base_model: str | None = None) -> ModelCard:
-    """The card of a SignLock export in ``folder`` (it needs the folder's ``bpw.json``)."""
+    """The card of a SignLock export in ``folder`` (its ``config.json`` and ``bpw.json``; ``eval.json`` and
+    ``training_signlock_stats.json`` when present). Each model-index result names the data it was measured on:
+    perplexity the text of ``eval.json`` (or of the run's evaluation), the flip rate the run's data."""
     folder = Path(folder)
+    config = _read(folder, "config.json")
+    if config is None or (config.get("quantization_config") or {}).get("quant_method") != QUANT_METHOD:
+        raise SignLockError(f"{folder} is not a SignLock export (no config.json with a signlock quantization_config): "
+                            "export a trained model with `hf-signlock export RUN_DIR OUT_DIR`, or save a quantized "
+                            "one with hf_signlock.push_to_hub(model, repo_id).")
     report = _read(folder, BPW_NAME)
     if report is None:
-        raise SignLockError(f"{folder} has no {BPW_NAME}: export it first (`hf-signlock export RUN_DIR {folder}`), "
-                            "or save it with hf_signlock.push_to_hub / write_bits_report.")
-    config = json.loads((folder / "config.json").read_text())
+        raise SignLockError(f"{folder} has no {BPW_NAME}: export it with `hf-signlock export RUN_DIR {folder}`, or "
+                            f"count its bits with hf_signlock.write_bits_report({str(folder)!r}).")
     training = _read(folder, TRAINING_STATS_NAME)
     evaluation = _read(folder, EVAL_NAME)  # the export's own perplexity, when it was evaluated
+    run_data = (training or {}).get("dataset") or UNKNOWN_DATA
     if evaluation is not None:
         perplexity, source, dataset = evaluation["perplexity"], "this compressed model", evaluation.get("dataset")
     elif training is not None and training.get("eval_perplexity") is not None:
-        perplexity, source, dataset = training["eval_perplexity"], "the dense model before export", training.get(
-            "dataset")
+        perplexity, source, dataset = training["eval_perplexity"], "the dense model before export", run_data
     else:
         perplexity, source, dataset = None, None, None
-    dataset = dataset or "held-out split of the training text"
+    dataset = dataset or run_data
     flip_rate = training.get("flip_rate") if training else None
-    results = _results([("bits_per_weight", "Bits per weight", report["bpw"]), ("perplexity", "Perplexity", perplexity),
-                        ("flip_rate", "Flip rate", flip_rate)], dataset)
+    # bits per weight are counted from the files, on no data: listed with the headline perplexity's dataset
+    results = _results([("bits_per_weight", "Bits per weight", report["bpw"], dataset),
+                        ("perplexity", "Perplexity", perplexity, dataset),
+                        ("flip_rate", "Flip rate", flip_rate, run_data)])
     base_model = base_model or hub_base_model((training or {}).get("model_name_or_path"))
     name = model_id.split("/")[-1]
     card_data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=[*TAGS, "sub-bit"],
@@ -95,5 +111,6 @@ def export_card(folder: str | os.PathLike, model_id: str, base_model: str | None
         seed=quantization.get("seed"), sign_source=report["sign_source"], codec=report["codec"],
         codec_params=json.dumps(report.get("codec_params") or {}), bpw=report["bpw"], checkpoint=checkpoint,
         flip_rate=flip_rate, perplexity=perplexity, perplexity_source=source, dataset=dataset, training=training,
-        refinement=report.get("refinement"), **report["total"],
+        refinement=report.get("refinement"), has_tokenizer=(folder / "tokenizer_config.json").exists(),
+        **report["total"],
     )

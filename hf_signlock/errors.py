@@ -25,5 +25,9 @@ class NonFiniteLossError(SignLockError, FloatingPointError):
     """Training produced a NaN or infinite loss."""
 
 
+class MissingDependencyError(SignLockError, ImportError):
+    """An optional dependency (an extra of hf-signlock) is not installed; the message names the pip command."""
+
+
 class CorruptCheckpointError(SignLockError, ValueError):
     """Stored data (a flip stream, a tensor, a checksum) does not decode exactly; nothing is loaded."""

@@ -1,10 +1,10 @@
 """Hub uploads of SignLock models: the checkpoint, ``bpw.json`` and the SignLock model card in one commit.
 
 ``push_to_hub(model, repo_id, ...)`` takes the arguments of transformers' ``model.push_to_hub`` and honours each
-(revision, create_pr, max_shard_size, commit_description, tags, private, token); ``push_folder(folder, repo_id)``
-uploads an export folder (``hf-signlock push``). ``model.push_to_hub`` itself works too and uploads a loadable
-checkpoint, with transformers' generic card (tagged ``hf-signlock``) instead of ours. ``HF_ENDPOINT`` chooses the
-Hub, as everywhere in huggingface_hub.
+(revision, create_pr, max_shard_size, commit_message, commit_description, tags, private, token);
+``push_folder(folder, repo_id)`` uploads an export folder (``hf-signlock push``). ``model.push_to_hub`` itself works
+too and uploads a loadable checkpoint, with transformers' generic card (tagged ``hf-signlock``) instead of ours and no
+``bpw.json``. ``HF_ENDPOINT`` chooses the Hub, as everywhere in huggingface_hub.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 from huggingface_hub import HfApi
 
 from .cards import export_card, hub_base_model
-from .constants import CARD_NAME
+from .constants import CARD_NAME, QUANT_METHOD
+from .errors import SignLockError
 from .quantization.bits import write_bits_report
 
 
@@ -24,18 +25,21 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, commit_message: str 
                 commit_description: str | None = None, private: bool | None = None, token: bool | str | None = None,
                 revision: str | None = None, create_pr: bool = False, tags: list[str] | None = None,
                 base_model: str | None = None) -> str:
-    """Write the model card into ``folder`` and upload the folder to ``repo_id`` in one commit; returns the commit
-    URL (or the pull request's, with ``create_pr``)."""
-    card = export_card(folder, repo_id, base_model)
+    """Write the model card into ``folder`` (its ``README.md``) and upload the folder to ``repo_id`` in one commit,
+    on branch ``revision`` (created from main if missing) or in a new pull request with ``create_pr``. Returns the
+    commit's URL, or the pull request's."""
+    card = export_card(folder, repo_id, base_model)  # refuses a folder that is no export before the repo is created
+    api = HfApi(token=token)
+    full_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if full_id != repo_id:  # a bare name lands in the token's namespace: the card's snippets need the full id
+        card = export_card(folder, full_id, base_model)
     for tag in tags or ():
         if tag not in card.data.tags:
             card.data.tags.append(tag)
     card.save(Path(folder) / CARD_NAME)
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if revision is not None and not revision.startswith("refs/pr/"):
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message or
+    if revision is not None and not revision.startswith("refs/pr/"):  # the Hub refuses commits to a missing branch
+        api.create_branch(full_id, branch=revision, exist_ok=True)
+    info = api.upload_folder(repo_id=full_id, folder_path=str(folder), commit_message=commit_message or
                              "Upload SignLock model", commit_description=commit_description, revision=revision,
                              create_pr=create_pr)
     return str(info.pr_url if create_pr and info.pr_url else info)
@@ -45,10 +49,22 @@ def push_to_hub(model, repo_id: str, *, commit_message: str | None = None, commi
                 private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
                 create_pr: bool = False, max_shard_size: int | str | None = "50GB", tags: list[str] | None = None,
                 tokenizer=None, base_model: str | None = None) -> str:
-    """Save a SignLock ``model`` (and ``tokenizer``) with ``bpw.json`` and its card, and upload them to ``repo_id``.
+    """Save a SignLock ``model`` (and ``tokenizer``) with ``bpw.json`` and its card, and upload them to ``repo_id``
+    (see ``push_folder``). The card's tags are the model's own (``model.model_tags``) and ``tags``.
 
-    ``base_model`` (for the card) defaults to the Hub id the model was loaded from, when it was loaded from one."""
-    base_model = base_model or hub_base_model(getattr(model.config, "_name_or_path", None))
+    ``base_model`` (for the card) defaults to the Hub id the model was loaded from, when it was loaded from one
+    (a dense model quantized on load), and that id is not ``repo_id`` itself."""
+    quantization = getattr(model.config, "quantization_config", None) or {}
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
+    if method != QUANT_METHOD:
+        raise SignLockError(f"{type(model).__name__} is not a SignLock model (its config has no signlock "
+                            "quantization_config): compress it first with hf_signlock.quantize_model(model, "
+                            "SignLockConfig(...)), or load it with from_pretrained(..., quantization_config="
+                            "SignLockConfig(...)). A dense model uploads with model.push_to_hub(repo_id).")
+    if base_model is None:
+        base_model = hub_base_model(getattr(model.config, "_name_or_path", None))
+        base_model = None if base_model == repo_id else base_model
+    tags = [*(getattr(model, "model_tags", None) or ()), *(tags or ())]
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, max_shard_size=max_shard_size)
         if tokenizer is not None:

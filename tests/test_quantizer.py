@@ -246,8 +246,8 @@ def test_dequantized_layers_follow_the_requested_dtype(tmp_path, codec):
     assert loaded(IDS).logits.isfinite().all()
 
 
-def _run_folder(tmp_path, with_stats=True):
-    model = trained_model("llama")
+def _run_folder(tmp_path, with_stats=True, model=None):
+    model = model or trained_model("llama")
     run = tmp_path / "run"
     model.save_pretrained(run)
     if with_stats:
@@ -289,8 +289,8 @@ def test_unknown_refinement_objective_is_refused(tmp_path):
 
 
 def test_card_reports_the_refinement(tmp_path):
-    from hf_signlock.cli import main
     from hf_signlock.cards import export_card as render_card
+    from hf_signlock.cli import main
 
     _, run = _run_folder(tmp_path)
     main(["export", str(run), str(tmp_path / "out"), "--codec", "scale"])
@@ -433,3 +433,25 @@ def test_refinement_trains_tables_and_keeps_signs(tmp_path, objective):
     model.save_pretrained(tmp_path)
     after = dense_weights(AutoModelForCausalLM.from_pretrained(tmp_path))  # checksums renewed: it loads
     assert_same_signs(after, before)
+
+
+def test_export_with_no_flags_uses_the_python_defaults(tmp_path):
+    """`hf-signlock export RUN OUT` works as is: vq at 1 bit per weight, as `export_run` and `SignLockConfig`."""
+    import inspect
+
+    from hf_signlock.cli import main, make_parser
+    from hf_signlock.quantization.export import export_run
+
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=64)
+    _, run = _run_folder(tmp_path, model=trained_model("llama", config, moved=0.3))
+    assert main(["export", str(run), str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "bpw.json").read_text())
+    assert report["codec"] == "vq" and 0.8 < report["bpw"] <= 1.0
+    for spelling in ("--bits_per_weight", "--bits-per-weight"):  # one style, the Python name; dashes accepted
+        assert main(["export", str(run), str(tmp_path / spelling), spelling, "0.5"]) == 0
+        assert json.loads((tmp_path / spelling / "bpw.json").read_text())["bpw"] <= 0.5
+    parsed = vars(make_parser().parse_args(["export", "run", "out"]))
+    for name, parameter in inspect.signature(export_run).parameters.items():
+        if name in parsed and parameter.default is not inspect.Parameter.empty:
+            assert parsed[name] == parameter.default, name

@@ -181,3 +181,46 @@ def test_bad_arguments_name_the_field(tmp_path, overrides, error, field):
 def test_unknown_target_pattern(tmp_path, dataset):
     with pytest.raises(TargetNotFoundError, match="q_proj"):
         SignLockTrainer(model=tiny_model(), args=make_args(tmp_path, target_modules=["qkv_proj"]), train_dataset=dataset)
+
+
+def _target_signs(model) -> dict[str, torch.Tensor]:
+    return {name: torch.sign(param.detach()).clone() for name, param in model.named_parameters() if "proj" in name}
+
+
+def _follow_seed(model, seed: int) -> bool:
+    return all(torch.equal(sign, seeded_signs(seed, name, sign.numel()).view(sign.shape).float())
+               for name, sign in _target_signs(model).items())
+
+
+def test_a_pretrained_model_is_never_reinitialised_unless_asked(tmp_path, dataset):
+    tiny_model().save_pretrained(tmp_path / "pretrained")
+    pretrained = AutoModelForCausalLM.from_pretrained(tmp_path / "pretrained")
+    before = _target_signs(pretrained)
+    with pytest.raises(SignLockConfigError, match=r"loaded from .*pretrained.*reference_mode='captured'.*"
+                                                  r"init_weights=True"):
+        SignLockTrainer(model=pretrained, args=make_args(tmp_path), train_dataset=dataset)
+    assert all(torch.equal(before[n], s) for n, s in _target_signs(pretrained).items())  # untouched
+    SignLockTrainer(model=pretrained, args=make_args(tmp_path, init_weights=True), train_dataset=dataset)
+    assert _follow_seed(pretrained, 3)  # asked explicitly: re-initialised with sign_seed (= seed 3)
+
+
+def test_a_fresh_model_is_initialised_and_a_seeded_one_is_kept(tmp_path, dataset):
+    fresh = tiny_model()
+    SignLockTrainer(model=fresh, args=make_args(tmp_path), train_dataset=dataset)
+    assert _follow_seed(fresh, 3)
+    with torch.no_grad():  # a seeded model that then trained a little, saved and reloaded: continued, not reset
+        for name, param in fresh.named_parameters():
+            if "proj" in name:
+                param.mul_(1.5)
+    fresh.save_pretrained(tmp_path / "seeded")
+    seeded = AutoModelForCausalLM.from_pretrained(tmp_path / "seeded")
+    weights = {n: p.detach().clone() for n, p in seeded.named_parameters()}
+    SignLockTrainer(model=seeded, args=make_args(tmp_path), train_dataset=dataset)
+    assert all(torch.equal(weights[n], p) for n, p in seeded.named_parameters())
+
+
+def test_keeping_weights_that_do_not_follow_the_seed_warns_with_the_fix(tmp_path, dataset, caplog):
+    trainer = SignLockTrainer(model=tiny_model(), args=make_args(tmp_path, init_weights=False, max_steps=1),
+                              train_dataset=dataset)
+    trainer.train()
+    assert "not initialised from `sign_seed`: use init_weights=True" in caplog.text

@@ -21,14 +21,16 @@ COMMANDS = {"train": train, "export": export, "evaluate": evaluate, "inspect": i
 
 
 def make_parser() -> argparse.ArgumentParser:
+    """The ``hf-signlock`` parser with every command."""
     parser = argparse.ArgumentParser(prog="hf-signlock", description="Sign lock-in for Hugging Face Transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, module in COMMANDS.items():
+    for module in COMMANDS.values():
         module.add_parser(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``hf-signlock``: runs one command; typed errors print one line and exit with 2."""
     parser = make_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command != "train" and rest:

@@ -8,6 +8,7 @@ from .options import option
 
 
 def add_parser(commands) -> None:
+    """Add the ``evaluate`` command to the ``hf-signlock`` subparsers."""
     parser = commands.add_parser("evaluate", help="Held-out perplexity of a model folder (run or export).")
     parser.add_argument("folder")
     option(parser, "config", default=None, help="recipe whose data settings to use (default: the run's)")
@@ -15,6 +16,7 @@ def add_parser(commands) -> None:
 
 
 def run(args, rest) -> int:
+    """Run ``hf-signlock evaluate``; returns the exit code."""
     from ..constants import EVAL_NAME
     from ..evaluation.perplexity import evaluate_folder
 

@@ -11,6 +11,7 @@ from .options import boolean, option
 
 
 def add_parser(commands) -> None:
+    """Add the ``export`` command to the ``hf-signlock`` subparsers."""
     parser = commands.add_parser("export", help="Compress a trained model folder into a sub-bit SignLock checkpoint.")
     parser.add_argument("run_dir", help="a training run's output folder (model, tokenizer, signlock_stats.json)")
     parser.add_argument("out_dir")
@@ -27,15 +28,18 @@ def add_parser(commands) -> None:
     option(parser, "refine_learning_rate", type=float, default=3e-3)
     option(parser, "refine_loss", default="lm", choices=["lm", "teacher"],
            help="refinement objective: the LM loss, or KL from the trained dense model (teacher)")
+    option(parser, "dtype", default=None, choices=["float32", "bfloat16", "float16"],
+           help="dtype of the tensors that stay dense (embeddings, head, norms); default: the run's")
 
 
 def run(args, rest) -> int:
+    """Run ``hf-signlock export``; returns the exit code."""
     from ..quantization.export import export_run
 
     report = export_run(args.run_dir, args.out_dir, codec=args.codec, bits_per_weight=args.bits_per_weight,
                         codec_params=args.codec_params, sign_source=args.sign_source, dequantize=args.dequantize,
                         refine_steps=args.refine_steps, refine_learning_rate=args.refine_learning_rate,
-                        refine_loss=args.refine_loss)
+                        refine_loss=args.refine_loss, dtype=args.dtype)
     total, checkpoint = report["total"], report["checkpoint"]
     flips = f"{total['flips']:,} flips" if report["sign_source"] != "packed" else "packed signs"
     print(f"{args.out_dir}: {report['bpw']:.4f} bits per target weight ({total['weights']:,} weights, {flips}, "

@@ -11,6 +11,7 @@ from .options import option
 
 
 def add_parser(commands) -> None:
+    """Add the ``inspect`` command to the ``hf-signlock`` subparsers."""
     parser = commands.add_parser("inspect", help="Bits of a SignLock checkpoint, per layer, in total, whole file.")
     parser.add_argument("folder")
     option(parser, "json", action="store_true", help="print the report as JSON")
@@ -23,6 +24,7 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 
 
 def run(args, rest) -> int:
+    """Run ``hf-signlock inspect``; returns the exit code."""
     from ..quantization.bits import checkpoint_report
 
     report = checkpoint_report(args.folder)

@@ -9,6 +9,7 @@ HELP = "Train a causal LM with seeded gap init, outward drift and flip tracking.
 
 
 def add_parser(commands) -> None:
+    """Add the ``train`` command to the ``hf-signlock`` subparsers."""
     parser = commands.add_parser(
         "train", help=HELP, add_help=False,
         description="Flags after the recipe override its keys; any field of ModelArguments, DataArguments or "
@@ -19,6 +20,7 @@ def add_parser(commands) -> None:
 
 
 def run(args, rest: list[str]) -> int:
+    """Run ``hf-signlock train``; returns the exit code."""
     from ..constants import STATS_NAME
     from ..training.recipe import make_parser, parse_recipe
     from ..training.run import run_training

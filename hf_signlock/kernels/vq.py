@@ -117,4 +117,5 @@ def _scratch(size: int) -> np.ndarray:
 
 
 def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the fused kernel can decode these tensors: numba is there, all on the CPU, none needs gradients."""
     return available() and all(t.device.type == "cpu" and not t.requires_grad for t in tensors)

@@ -6,7 +6,7 @@ A target layer adds to the checkpoint:
 * ``magnitude_bits``: its codec tables and codes, with its share of a codebook shared across layers;
 * ``other_bits``: its bias; the entries of its tensors in the safetensors header; its record in ``config.json``
   (its base64 characters); and its share (pro rata by weights) of the SignLock overhead every export carries once:
-  the rest of ``quantization_config``, the two guard tensors and their header entries, the ``signlock`` metadata.
+  the rest of ``quantization_config``, and the two guard tensors with their header entries.
 
 ``bpw`` is their sum over all target layers divided by the number of target weights. The report also gives the
 whole checkpoint (``config.json``, weight files, shard index): its bytes, its parameters (embeddings and head
@@ -28,9 +28,10 @@ import torch
 from ..constants import BPW_NAME
 from ..errors import SignLockError
 from ..targets import find_target_modules
+from .codecs import make_codec
 from .config import SignLockConfig
 from .flip_coding import flip_count
-from .guard import GUARD_KEY, GUARD_TEXT
+from .guard import GUARD_KEY
 from .linear import SignLockLinear
 from .records import encoded_size
 
@@ -56,12 +57,11 @@ def config_entry_bytes(name: str, value) -> int:
 
 def signlock_overhead_bytes(quantization_config: dict, first_target: str, offset_digits: int) -> float:
     """The bytes every SignLock export carries once, shared by its layers: ``quantization_config`` without its
-    records, the guard tensors (data and header entries) and the ``signlock`` header metadata."""
+    records, and the guard tensors (data and header entries)."""
     config_bytes = config_entry_bytes("quantization_config", quantization_config) - len(quantization_config["layers"])
     offset = 10 ** (offset_digits - 1)
     guards = sum(1 + header_entry_bytes(key, "U8", [1], offset, offset + 1) for key in (first_target, GUARD_KEY))
-    metadata = len(json.dumps({"signlock": GUARD_TEXT}, separators=(",", ":"))) - 1
-    return config_bytes + guards + metadata
+    return config_bytes + guards
 
 
 def read_safetensors_headers(folder: Path) -> tuple[dict[str, dict], int]:
@@ -111,8 +111,15 @@ def checkpoint_report(folder: str | os.PathLike) -> dict:
     targets = find_target_modules(model, signlock.target_modules)
     records = signlock.layer_records([f"{name}.weight" for name in targets])
     entries, weight_file_bytes = read_safetensors_headers(folder)
-    digits = len(str(weight_file_bytes))
-    shared = signlock_overhead_bytes(qc, next(iter(records)), digits)
+    codec = make_codec(signlock.codec, signlock.codec_params)
+    record_chars = {name: encoded_size(record, codec) for name, record in records.items()}
+    guards = [next(iter(records)), GUARD_KEY]
+    missing = [key for key in guards if key not in entries]
+    if missing:
+        raise SignLockError(f"{folder}: the weight files have no guard tensor {missing[0]}; not a SignLock export")
+    # quantization_config beside the records (and base64's padding), the guard tensors: shared by all layers
+    shared = (config_entry_bytes("quantization_config", qc) - sum(record_chars.values())
+              + sum(_data_bytes(entries[key]) + _entry_bytes(key, entries[key]) for key in guards))
     total_weights = sum(math.prod(module.weight.shape) for module in targets.values())
 
     layers, codebook_bytes, sharing = {}, 0, []
@@ -131,7 +138,7 @@ def checkpoint_report(folder: str | os.PathLike) -> dict:
             raise SignLockError(f"{folder}: the weight files have no {missing[0]} tensor")
         bias_bytes = _data_bytes(entries[own_keys[-1]]) if module.bias is not None else 0
         other = (bias_bytes + sum(_entry_bytes(key, entries[key]) for key in own_keys)
-                 + encoded_size(record, layer.codec) + shared * weights / total_weights)
+                 + record_chars[param_name] + shared * weights / total_weights)
         layers[param_name] = {"weights": weights, "flips": _stored_flips(layer, entries[own_keys[0]]),
                               "sign_bits": 8 * sign_bytes, "magnitude_bits": 8 * sum(sections.values()),
                               "other_bits": 8 * other}

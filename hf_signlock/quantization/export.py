@@ -41,12 +41,14 @@ def signs_of_run(run_dir: str | os.PathLike) -> dict:
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: str = "vq",
                codec_params: dict | None = None, bits_per_weight: float | None = None, sign_source: str | None = None,
                dequantize: bool | None = None, refine_steps: int = 0, refine_learning_rate: float = 3e-3,
-               refine_loss: str = "lm", data_args=None) -> dict:
+               refine_loss: str = "lm", dtype: str | None = None, data_args=None) -> dict:
     """Compress a trained model folder into ``out_dir`` (model, tokenizer, ``bpw.json``); returns the bits report.
 
     The arguments are ``SignLockConfig``'s (``bits_per_weight`` None: the codec's default budget, 1.0 for vq) and
     refinement's (``refine_steps`` of AdamW at ``refine_learning_rate`` on the LM loss, or with
-    ``refine_loss="teacher"`` on the KL divergence from the dense model)."""
+    ``refine_loss="teacher"`` on the KL divergence from the dense model). ``dtype`` ("bfloat16", "float16",
+    "float32") is the dtype of the tensors that stay dense (embeddings, head, norms, biases) and of the codec's
+    input; None keeps the run's own."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if refine_loss not in REFINE_LOSSES:
@@ -59,11 +61,14 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: st
         template_rank=signs.get("template_rank", 8), target_modules=signs.get("target_modules"), codec=codec,
         codec_params=codec_params, bits_per_weight=bits_per_weight, dequantize=dequantize,
     )
-    model = AutoModelForCausalLM.from_pretrained(run_dir)
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        raise SignLockConfigError(f"`dtype` must be float32, bfloat16 or float16, got {dtype!r}.")
+    load_dtype = "auto" if dtype is None else dtype
+    model = AutoModelForCausalLM.from_pretrained(run_dir, dtype=load_dtype)
     quantize_model(model, config)
     refinement = None
     if refine_steps > 0:
-        teacher = AutoModelForCausalLM.from_pretrained(run_dir) if refine_loss == "teacher" else None
+        teacher = AutoModelForCausalLM.from_pretrained(run_dir, dtype=load_dtype) if refine_loss == "teacher" else None
         refinement = _refine_on_run_data(model, run_dir, refine_steps, refine_learning_rate, data_args, teacher)
     model.save_pretrained(out_dir)
     try:

@@ -24,7 +24,7 @@ from .bits import header_entry_bytes, signlock_overhead_bytes
 from .codecs import make_codec
 from .config import SignLockConfig
 from .flip_coding import encode_flips
-from .linear import SignLockLinear, layout_of, link_shared_tables
+from .linear import SignLockLinear, link_shared_tables
 from .payload import CHECKSUM_BYTES, payload_digest, sign_digest
 from .records import encoded_size
 
@@ -49,7 +49,7 @@ def _sign_tensors(param_name: str, weight: torch.Tensor, config: SignLockConfig)
             {"flips": len(positions), "flip_bytes": len(blob), "sign_checksum": sign_digest(signs)})
 
 
-def _overhead_bits(targets: dict[str, nn.Module], config: SignLockConfig, flip_bytes: dict[str, int],
+def layer_overhead_bits(targets: dict[str, nn.Module], config: SignLockConfig, flip_bytes: dict[str, int],
                    model_bytes: int) -> dict[str, float]:
     """An upper estimate of what each layer adds to the checkpoint besides its payload data and bias data: its
     header entries, its record and its share of the export's overhead (see ``bits.py``, which counts them exactly
@@ -80,7 +80,8 @@ def _bias_bits(module: nn.Module) -> int:
     return 0 if module.bias is None else module.bias.numel() * module.bias.element_size() * 8
 
 
-def _model_bytes(model: nn.Module) -> int:
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers as they are now (an upper bound of its compressed size)."""
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
@@ -122,8 +123,8 @@ def quantize_model(model: nn.Module, config: SignLockConfig) -> nn.Module:
     budget = config.budget
     budgets = {name: None for name in weights}
     if budget is not None:
-        overhead = _overhead_bits(targets, config, {n: s[1]["flip_bytes"] for n, s in signs.items()},
-                                  _model_bytes(model))
+        overhead = layer_overhead_bits(targets, config, {n: s[1]["flip_bytes"] for n, s in signs.items()},
+                                  model_bytes(model))
         budgets = {name: budget * weight.numel() - 8 * sum(t.numel() for t in signs[name][0].values())
                    - _bias_bits(modules[name]) - overhead[name] for name, weight in weights.items()}
     codec = make_codec(config.codec, config.codec_params)

@@ -18,11 +18,13 @@ import re
 
 import torch
 from safetensors import safe_open
+from transformers.quantizers import auto as quantizers_auto
 from transformers.quantizers.base import HfQuantizer
 
+from ..constants import QUANT_METHOD
 from ..errors import CorruptCheckpointError, SignLockConfigError, SignLockError
 from ..targets import find_target_modules
-from .guard import GUARD_TEXT, guard_tensors
+from .guard import guard_tensors
 from .linear import SignLockLinear, link_shared_tables
 from .quantize import check_budget_is_possible, quantize_model
 
@@ -176,7 +178,7 @@ class SignLockHfQuantizer(HfQuantizer):
         config.set_layer_records(records)  # refinement renews checksums in the layers: the config follows them
         state_dict = model.state_dict()
         state_dict.update(guard_tensors(next(iter(records))))
-        return state_dict, {"signlock": GUARD_TEXT}
+        return state_dict, {}
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         return False
@@ -187,3 +189,7 @@ class SignLockHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True  # adapters (LoRA) train on top of frozen SignLock layers; see hf_signlock.quantization.lora
+
+
+if QUANT_METHOD not in quantizers_auto.AUTO_QUANTIZER_MAPPING:  # see registration.py; a reload must not register twice
+    quantizers_auto.register_quantizer(QUANT_METHOD)(SignLockHfQuantizer)

@@ -14,7 +14,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from transformers.utils import logging
 
 from ..signs import unpack_signs
@@ -32,6 +31,7 @@ def _batches(dataset, batch_size: int, seed: int):
 
 
 def lm_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The model's own next-token loss on ``ids``."""
     return model(input_ids=ids, labels=labels).loss
 
 
@@ -75,6 +75,7 @@ def train_steps(model: nn.Module, params: list[torch.Tensor], dataset, steps: in
 
 
 def trainable_codec_tensors(model: nn.Module) -> dict[str, tuple[SignLockLinear, str, torch.dtype]]:
+    """Every floating table of the model's SignLock layers: ``name -> (layer, table, stored dtype)``."""
     found = {}
     for module_name, module in model.named_modules():
         if isinstance(module, SignLockLinear):

@@ -16,6 +16,7 @@ import sys
 from ..constants import QUANT_METHOD
 
 REGISTRY_MODULE = "transformers.quantizers.auto"
+QUANTIZER_MODULE = "hf_signlock.quantization.quantizer"
 
 
 def register() -> None:
@@ -23,15 +24,16 @@ def register() -> None:
     auto = importlib.import_module(REGISTRY_MODULE)  # also while it is still being bound to its package
 
     from .config import SignLockConfig
-    from .quantizer import SignLockHfQuantizer
 
     if QUANT_METHOD not in auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
         auto.register_quantization_config(QUANT_METHOD)(SignLockConfig)
-    if QUANT_METHOD not in auto.AUTO_QUANTIZER_MAPPING:
-        auto.register_quantizer(QUANT_METHOD)(SignLockHfQuantizer)
     # Loading attributes (dequantize) are merged only for the config classes in this tuple; there is no hook for it.
     if SignLockConfig not in auto.LOADING_ATTRIBUTES_CONFIG_TYPES:
         auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*auto.LOADING_ATTRIBUTES_CONFIG_TYPES, SignLockConfig)
+    # The quantizer registers itself as its module finishes executing. That module imports transformers' quantizer
+    # base, which can be what brought us here: then it is half-imported and completes (and registers) after us.
+    if QUANTIZER_MODULE not in sys.modules:
+        importlib.import_module(QUANTIZER_MODULE)
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):

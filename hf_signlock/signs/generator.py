@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .. import kernels
-from ..constants import SIGN_KEY_DOMAIN, SIGNS_FORMAT_VERSION, SPLITMIX_GAMMA, SPLITMIX_MUL1, SPLITMIX_MUL2
+from ..constants import SIGN_KEY_DOMAIN, SPLITMIX_GAMMA, SPLITMIX_MUL1, SPLITMIX_MUL2
 from ..errors import SignLockConfigError
 from ..kernels import signs as sign_kernel
 
@@ -41,6 +41,7 @@ def _as_int64(value: int) -> int:
 
 
 def check_seed(seed) -> int:
+    """``seed`` as an int; anything else (a bool, a float, a string) is a ``SignLockConfigError``."""
     # bool is an int subclass but never a meant seed; numpy integers are fine.
     if isinstance(seed, bool) or not hasattr(seed, "__index__"):
         raise SignLockConfigError(

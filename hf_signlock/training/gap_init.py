@@ -49,6 +49,7 @@ def gap_floor(init: InitDistribution, gap: float) -> float:
 
 
 def check_gap(gap: float, init: InitDistribution | None = None) -> float:
+    """``gap`` as a float, refused when negative, not finite, beyond a uniform init's range or too large."""
     if not (isinstance(gap, (int, float)) and math.isfinite(gap) and gap >= 0):
         raise SignLockConfigError(f"`gap` must be a finite number >= 0 (in units of the init std), got {gap!r}.")
     if init is not None and init.kind == "uniform" and gap >= math.sqrt(3.0):

@@ -27,6 +27,7 @@ def _field_names() -> set[str]:
 
 
 def read_recipe(path: str | Path) -> dict:
+    """The mapping of a YAML recipe; unknown keys are refused with the closest known field named."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"Recipe {str(path)!r} does not exist. Pass an existing YAML file to --config.")
@@ -66,6 +67,7 @@ class _RecipeParser(HfArgumentParser):
 
 
 def make_parser() -> HfArgumentParser:
+    """The parser of recipes and ``hf-signlock train`` flags: the fields of the three argument dataclasses."""
     return _RecipeParser(ARGUMENT_CLASSES)
 
 

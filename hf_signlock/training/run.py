@@ -78,6 +78,7 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int):
 
 
 def check_run_arguments(training_args: SignLockTrainingArguments) -> None:
+    """Refuse a run without ``output_dir``."""
     if training_args.output_dir is None:
         raise SignLockConfigError("`output_dir` is not set. Add `output_dir: runs/<name>` to the recipe.")
 

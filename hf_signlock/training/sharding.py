@@ -30,6 +30,7 @@ class LocalPart:
 
 
 def local_part(name: str, param: torch.Tensor) -> LocalPart:
+    """The part of ``param`` this process holds: the whole tensor, or its FSDP2 row shard (refused otherwise)."""
     if DTensor is None or not isinstance(param, DTensor):
         return LocalPart(param, 0, False)
     mesh, placements = param.device_mesh, param.placements
