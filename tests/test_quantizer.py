@@ -455,3 +455,13 @@ def test_export_with_no_flags_uses_the_python_defaults(tmp_path):
     for name, parameter in inspect.signature(export_run).parameters.items():
         if name in parsed and parameter.default is not inspect.Parameter.empty:
             assert parsed[name] == parameter.default, name
+
+
+@pytest.mark.parametrize("kwargs, budget", [
+    ({}, 1.0), ({"codec": "lowrank"}, 1.0), ({"codec_params": {"shared": True}}, 1.0),  # codecs that fit a budget
+    ({"codec": "exact"}, None), ({"codec": "scale"}, None),  # fixed size: no default budget to refuse
+    ({"codec_params": {"bits": 4, "group": 8}}, None), ({"codec": "lowrank", "codec_params": {"rank": 2}}, None),
+    ({"bits_per_weight": 0.3}, 0.3),
+])
+def test_default_budget_is_the_codecs(kwargs, budget):
+    assert SignLockConfig(**kwargs).budget == budget

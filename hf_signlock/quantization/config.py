@@ -17,7 +17,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..constants import EXPORT_FORMAT_VERSION, QUANT_METHOD
 from ..errors import CorruptCheckpointError, SignLockConfigError
 from ..signs import check_seed
-from .codecs import CODECS, DEFAULT_CODEC, FixedSizeCodec, make_codec
+from .codecs import CODECS, DEFAULT_CODEC, make_codec
 from .records import decode_records, encode_records, targets_checksum
 
 SIGN_SOURCES = ("seed", "template", "packed")
@@ -105,9 +105,8 @@ class SignLockConfig(QuantizationConfigMixin):
         """The bits-per-weight budget in force: the one given, else the default of codecs that fit one."""
         if self.bits_per_weight is not None:
             return self.bits_per_weight
-        if issubclass(CODECS[self.codec], FixedSizeCodec) or self.codec_params:
-            return None  # fixed-size codecs take no default budget; explicit codec parameters set the size
-        return DEFAULT_BITS_PER_WEIGHT
+        # fixed-size codecs take no default budget, nor do codec parameters that set the size
+        return DEFAULT_BITS_PER_WEIGHT if make_codec(self.codec, self.codec_params).needs_budget() else None
 
     def dequantize_on_load(self, pre_quantized: bool) -> bool:
         """Whether ``from_pretrained`` ends with dense modules (see ``dequantize``)."""

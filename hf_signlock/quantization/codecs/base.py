@@ -45,6 +45,10 @@ class MagnitudeCodec:
         """Parameters of every layer, from ``name -> (shape, budget_bits)``."""
         return {name: self.choose(shape, budget) for name, (shape, budget) in layers.items()}
 
+    def needs_budget(self) -> bool:
+        """Whether ``choose`` needs a bits budget (its size is not fixed by the shape and the given parameters)."""
+        return False
+
     # --- the record -------------------------------------------------------------------------------------------------
 
     def record_ints(self, params: dict) -> list[int]:

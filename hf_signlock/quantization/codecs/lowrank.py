@@ -22,6 +22,9 @@ class LowRankCodec(MagnitudeCodec):
     allowed = ("rank",)
     stored_params = ("rank",)
 
+    def needs_budget(self):
+        return "rank" not in self.params
+
     def choose(self, shape, budget_bits):
         if "rank" in self.params:
             rank = int(self.params["rank"])

@@ -73,6 +73,9 @@ class VectorCodec(MagnitudeCodec):
     def _extra(self) -> dict:
         return {"iterations": int(self.params["iterations"])} if "iterations" in self.params else {}
 
+    def needs_budget(self):
+        return not (self.params.get("bits") and self.params.get("group"))
+
     def choose(self, shape, budget_bits):
         explicit = self.params.get("bits") and self.params.get("group")
         if budget_bits is None and not explicit:
