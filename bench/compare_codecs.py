@@ -145,7 +145,9 @@ def main(argv=None):
         for budget in (BUDGETS if codec != "scale" else (None,)):
             row = {"codec": codec, "budget": budget}
             try:
-                model = quantize_model(fresh(), SignLockConfig(**signs_of_run(run), codec=codec, bits_per_weight=budget))
+                model = fresh()
+                model = quantize_model(model, SignLockConfig(**signs_of_run(run, model), codec=codec,
+                                                             bits_per_weight=budget))
             except SignLockConfigError as error:
                 rows.append({**row, "unreachable": str(error)})
                 print(codec, budget, "unreachable", flush=True)

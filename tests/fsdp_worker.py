@@ -16,8 +16,8 @@ from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hf_signlock import FlipTracker, SignReference, apply_gap_init, outward_drift
-from hf_signlock.training.sharding import all_reduce_sum
 from hf_signlock.training.init_distribution import TargetWeight
+from hf_signlock.training.sharding import all_reduce_sum
 
 LAMBDA, MARGIN, STEPS = 300.0, 1.0, 6
 

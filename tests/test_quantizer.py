@@ -465,3 +465,19 @@ def test_export_with_no_flags_uses_the_python_defaults(tmp_path):
 ])
 def test_default_budget_is_the_codecs(kwargs, budget):
     assert SignLockConfig(**kwargs).budget == budget
+
+
+def test_layers_without_flips_store_no_flip_stream(tmp_path):
+    """A seeded model whose signs never moved (what the regulariser aims at) pays no sign bits at all."""
+    model = trained_model("llama", moved=0.0)
+    logits = model(IDS).logits
+    quantize_model(model, SignLockConfig(seed=SEED, codec="exact"))
+    assert all(layer.flips == 0 and layer.sections["flips"][1] == 0 for layer in compressed(model))
+    model.save_pretrained(tmp_path)
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(IDS).logits, logits)
+    from hf_signlock.quantization.bits import write_bits_report
+
+    assert write_bits_report(tmp_path)["total"]["sign_bits"] == 0
+    _edit_config(tmp_path, lambda q: q.update(seed=SEED + 1))  # the sign checksum still guards the seed
+    with pytest.raises(CorruptCheckpointError, match="decoded signs"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)

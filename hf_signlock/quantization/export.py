@@ -16,6 +16,7 @@ from transformers.utils import logging
 
 from ..constants import STATS_NAME, TRAINING_STATS_NAME
 from ..errors import SignLockConfigError
+from ..targets import find_target_modules
 from .bits import write_bits_report
 from .config import SignLockConfig
 from .quantize import quantize_model
@@ -24,9 +25,10 @@ logger = logging.get_logger(__name__)
 REFINE_LOSSES = ("lm", "teacher")
 
 
-def signs_of_run(run_dir: str | os.PathLike) -> dict:
+def signs_of_run(run_dir: str | os.PathLike, model=None) -> dict:
     """Seed and sign source of a training run, from its ``signlock_stats.json``; ``packed`` signs (with the reason)
-    when the run was not trained from our seeded init."""
+    when the run was not trained from our seeded init. Given the run's ``model``, targets that are the default ones
+    come back as None: the checkpoint's config then names no modules (a list costs about 40 bytes a layer)."""
     path = Path(run_dir, STATS_NAME)
     if not path.exists():
         return {"sign_source": "packed", "why": f"{path} is missing: not a SignLockTrainer run"}
@@ -34,6 +36,8 @@ def signs_of_run(run_dir: str | os.PathLike) -> dict:
     if stats.get("reference_mode") != "seed":
         return {"sign_source": "packed", "why": "the run fine-tuned from captured signs, not from a seeded init"}
     modules = [name.removesuffix(".weight") for name in stats.get("target_modules", [])]
+    if model is not None and modules == list(find_target_modules(model)):
+        modules = None
     return {"sign_source": stats.get("sign_source", "seed"), "seed": stats["seed"],
             "template_rank": stats.get("template_rank", 8), "target_modules": modules or None}
 
@@ -53,7 +57,11 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: st
 
     if refine_loss not in REFINE_LOSSES:
         raise SignLockConfigError(f"`refine_loss` must be 'lm' or 'teacher' (the dense model), got {refine_loss!r}.")
-    signs = signs_of_run(run_dir)
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        raise SignLockConfigError(f"`dtype` must be float32, bfloat16 or float16, got {dtype!r}.")
+    load_dtype = "auto" if dtype is None else dtype
+    model = AutoModelForCausalLM.from_pretrained(run_dir, dtype=load_dtype)
+    signs = signs_of_run(run_dir, model)
     if signs["sign_source"] == "packed" and sign_source is None:
         logger.warning(f"Exporting {run_dir} with packed signs (1 bit per weight): {signs['why']}.")
     config = SignLockConfig(
@@ -61,10 +69,6 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: st
         template_rank=signs.get("template_rank", 8), target_modules=signs.get("target_modules"), codec=codec,
         codec_params=codec_params, bits_per_weight=bits_per_weight, dequantize=dequantize,
     )
-    if dtype not in (None, "float32", "bfloat16", "float16"):
-        raise SignLockConfigError(f"`dtype` must be float32, bfloat16 or float16, got {dtype!r}.")
-    load_dtype = "auto" if dtype is None else dtype
-    model = AutoModelForCausalLM.from_pretrained(run_dir, dtype=load_dtype)
     quantize_model(model, config)
     refinement = None
     if refine_steps > 0:

@@ -126,7 +126,10 @@ def _read_header(blob: bytes):
 
 
 def flip_count(blob: bytes) -> int:
-    """The number of flips a stream codes, read from its header (no decoding, no checksum check)."""
+    """The number of flips a stream codes, read from its header (no decoding, no checksum check); an empty stream
+    (a layer without flips stores none) codes none."""
+    if not len(blob):
+        return 0
     reader = ByteReader(bytes(blob[:32]), "flip stream")
     reader.take(1, "version")
     reader.varint("size")

@@ -153,7 +153,8 @@ class SignLockLinear(nn.Module):
         if self.config.sign_source == "packed":
             return stored["sign_bits"]
         numel, device = math.prod(self.shape), self.payload.device
-        flips = decode_flips(stored["flips"].cpu().numpy().tobytes(), numel)  # small: decoded on the host
+        stream = stored["flips"].cpu().numpy().tobytes()
+        flips = decode_flips(stream, numel) if stream else ()  # small: decoded on the host; empty: no flips
         if self.config.sign_source == "seed":
             bits = seeded_sign_bits(self.config.seed, self.param_name, numel, device=device)
         else:

@@ -44,8 +44,9 @@ def _sign_tensors(param_name: str, weight: torch.Tensor, config: SignLockConfig)
         return {"sign_bits": pack_signs(signs)}, {"flip_bytes": 0, "flips": None, "sign_checksum": sign_digest(signs)}
     reference = reference_signs(config.seed, param_name, weight.shape, config.sign_source, config.template_rank)
     positions = flip_positions(signs, reference)
-    blob = encode_flips(positions, weight.numel())
-    return ({"flips": torch.frombuffer(bytearray(blob), dtype=torch.uint8)},
+    blob = encode_flips(positions, weight.numel()) if len(positions) else b""  # no flips: no stream at all
+    stream = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.empty(0, dtype=torch.uint8)
+    return ({"flips": stream},
             {"flips": len(positions), "flip_bytes": len(blob), "sign_checksum": sign_digest(signs)})
 
 
