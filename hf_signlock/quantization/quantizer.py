@@ -84,18 +84,16 @@ class SignLockHfQuantizer(HfQuantizer):
 
     def validate_environment(self, device_map=None, **kwargs):
         """Refuse what SignLock layers cannot do: offloading weights to the CPU or disk, a device with no backend."""
-        if not isinstance(device_map, dict):
-            devices = set() if device_map is None else {device_map}
-        else:
-            devices = {str(device) for device in device_map.values()}
+        values = list(device_map.values()) if isinstance(device_map, dict) else [] if device_map is None else [device_map]
+        devices = {str(device) for device in values}
         if "disk" in devices or ("cpu" in devices and len(devices) > 1):
             raise SignLockConfigError(
                 f"device_map={device_map!r} offloads part of the model to the CPU or disk; SignLock layers decode "
                 "their weight where their payload lives and cannot be offloaded. Load on one device "
                 "(device_map='cpu' or 'cuda'), or give the GPUs enough max_memory for the whole model."
             )
-        if any(str(device).startswith("cuda") or device == "auto" for device in devices) \
-                and not torch.cuda.is_available() and devices - {"cpu", "auto"}:
+        wants_cuda = any(isinstance(device, int) or str(device).startswith("cuda") for device in values)
+        if wants_cuda and not torch.cuda.is_available():
             raise SignLockConfigError(
                 f"device_map={device_map!r} names a CUDA device, but this torch build has no CUDA backend. Load with "
                 "device_map='cpu', or install a CUDA build of torch."
