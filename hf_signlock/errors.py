@@ -31,3 +31,7 @@ class MissingDependencyError(SignLockError, ImportError):
 
 class CorruptCheckpointError(SignLockError, ValueError):
     """Stored data (a flip stream, a tensor, a checksum) does not decode exactly; nothing is loaded."""
+
+
+class ModelLoadError(SignLockError, OSError):
+    """A model argument (local folder or Hub id) names nothing loadable: no config, no weights, another shape."""

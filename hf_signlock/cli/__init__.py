@@ -2,7 +2,9 @@
 
     hf-signlock train --config RECIPE [--field value ...]
     hf-signlock export RUN_DIR OUT_DIR [--codec vq] [--bits_per_weight 1.0] [--refine_steps 200] ...
-    hf-signlock evaluate DIR [--config RECIPE]
+    hf-signlock eval MODEL [--dataset DATASET] [--window N --stride N] [--reference REF]  (alias: evaluate)
+    hf-signlock analyze MODEL [--reference REF] [--output DIR]
+    hf-signlock sweep --config recipes/sweep.yaml
     hf-signlock inspect DIR
     hf-signlock push DIR REPO_ID [--private] [--revision BRANCH] [--create_pr] ...
 
@@ -15,16 +17,17 @@ import argparse
 import sys
 
 from ..errors import SignLockError
-from . import evaluate, export, inspect, push, train
+from . import analyze, evaluate, export, inspect, push, sweep, train
 
-COMMANDS = {"train": train, "export": export, "evaluate": evaluate, "inspect": inspect, "push": push}
+COMMANDS = {"train": train, "export": export, "eval": evaluate, "evaluate": evaluate, "analyze": analyze, "sweep": sweep,
+            "inspect": inspect, "push": push}
 
 
 def make_parser() -> argparse.ArgumentParser:
     """The ``hf-signlock`` parser with every command."""
     parser = argparse.ArgumentParser(prog="hf-signlock", description="Sign lock-in for Hugging Face Transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in COMMANDS.values():
+    for module in dict.fromkeys(COMMANDS.values()):  # each once: `evaluate` is an alias of `eval`
         module.add_parser(commands)
     return parser
 

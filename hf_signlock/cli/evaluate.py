@@ -1,4 +1,4 @@
-"""``hf-signlock evaluate DIR``: held-out perplexity of a model folder (a run or an export) -> ``DIR/eval.json``."""
+"""``hf-signlock eval DIR`` (alias ``evaluate``): held-out perplexity of a model folder (a run or an export) -> ``DIR/eval.json``."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ from .options import option
 
 
 def add_parser(commands) -> None:
-    """Add the ``evaluate`` command to the ``hf-signlock`` subparsers."""
-    parser = commands.add_parser("evaluate", help="Held-out perplexity of a model folder (run or export).")
+    """Add the ``eval`` command (alias ``evaluate``) to the ``hf-signlock`` subparsers."""
+    parser = commands.add_parser("eval", aliases=["evaluate"], help="Held-out perplexity of a model folder (run or export).")
     parser.add_argument("folder")
     option(parser, "config", default=None, help="recipe whose data settings to use (default: the run's)")
     option(parser, "batch_size", type=int, default=16)
 
 
 def run(args, rest) -> int:
-    """Run ``hf-signlock evaluate``; returns the exit code."""
+    """Run ``hf-signlock eval``; returns the exit code."""
     from ..constants import EVAL_NAME
     from ..evaluation.perplexity import evaluate_folder
 
