@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine: `make quickstart` (train -> export at 1 bit per weight -> evaluate, on the
+# Two entry points for a fresh machine: `make quickstart` (train -> export at 1 bit per weight -> evaluate -> analyze, on the
 # built-in corpus) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,7 +18,8 @@ setup: $(STAMP)
 quickstart: setup
 	$(BIN)/hf-signlock train --config recipes/quickstart.yaml
 	$(BIN)/hf-signlock export runs/quickstart runs/quickstart-vq1 --codec vq --bits_per_weight 1.0 --refine_steps 200
-	$(BIN)/hf-signlock evaluate runs/quickstart-vq1
+	$(BIN)/hf-signlock eval runs/quickstart-vq1
+	$(BIN)/hf-signlock analyze runs/quickstart-vq1 --output runs/quickstart-vq1/analysis
 	$(BIN)/hf-signlock inspect runs/quickstart-vq1
 
 baseline: setup

@@ -64,7 +64,14 @@ _LAZY = {
     "resolve_targets": "hf_signlock.training.init_distribution",
     # evaluation
     "evaluate_folder": "hf_signlock.evaluation.perplexity",
+    "evaluate_model": "hf_signlock.evaluation.perplexity",
     "perplexity": "hf_signlock.evaluation.perplexity",
+    "sliding_window_perplexity": "hf_signlock.evaluation.perplexity",
+    "ReferenceSigns": "hf_signlock.evaluation.references",
+    "resolve_reference": "hf_signlock.evaluation.references",
+    "flip_report": "hf_signlock.evaluation.sign_metrics",
+    "analyze": "hf_signlock.evaluation.analyze",
+    "run_sweep": "hf_signlock.evaluation.sweep",
 }
 
 
@@ -127,4 +134,11 @@ __all__ = [
     "resolve_targets",
     "evaluate_folder",
     "perplexity",
+    "evaluate_model",
+    "sliding_window_perplexity",
+    "ReferenceSigns",
+    "resolve_reference",
+    "flip_report",
+    "analyze",
+    "run_sweep",
 ]

@@ -18,12 +18,12 @@ from ..errors import MissingDependencyError
 from .sign_metrics import ANALYSIS_EXTRA, normalise_spectrum, rademacher_singular_values
 
 
-def require_matplotlib():
+def require_matplotlib(needed_by: str = "The figures of `analyze` and `sweep`"):
     """``matplotlib.pyplot`` on the Agg backend, or MissingDependencyError naming the extra."""
     try:
         import matplotlib
     except ImportError as error:
-        raise MissingDependencyError(f"The figures of `analyze` need matplotlib: {ANALYSIS_EXTRA}") from error
+        raise MissingDependencyError(f"{needed_by} need matplotlib: {ANALYSIS_EXTRA}") from error
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

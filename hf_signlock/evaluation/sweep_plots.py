@@ -13,25 +13,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import MissingDependencyError
+from .figures import require_matplotlib
 
-ANALYSIS_EXTRA = 'pip install "hf-signlock[analysis]"'
 FIGURES = ("flip_rate_vs_lambda.png", "perplexity_vs_lambda.png", "perplexity_vs_bpw.png")
 COLORS = {"baseline": "tab:gray", "gap": "tab:orange", "drift": "tab:blue", "gap_drift": "tab:green"}
 LABELS = {"baseline": "baseline (no gap, no drift)", "gap": "gap only", "drift": "drift only",
           "gap_drift": "gap + drift"}
-
-
-def require_matplotlib():
-    """``matplotlib.pyplot`` on the Agg backend, or MissingDependencyError naming the extra to install."""
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise MissingDependencyError(f"The sweep's figures need matplotlib: {ANALYSIS_EXTRA}") from error
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _errors(summaries: list[dict]) -> list[list[float]]:
@@ -91,12 +78,7 @@ def _versus_lambda(plt, groups: list[dict], metric: str, ylabel: str, path: Path
         axis.set_title(f"runs with 0 flips are drawn at {floor:.1g} (half a flip)", fontsize=8)
     axis.set_xlabel("drift lambda")
     axis.set_ylabel(ylabel)
-    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    axis.grid(alpha=0.3, which="both")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _save(figure, axis, path)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -147,12 +129,7 @@ def _versus_bits(plt, results: dict, path: Path) -> Path:
         axis.set_yscale("log")
         _plain_ticks(axis)
     axis.set_title("lines: Pareto front of each family; bars: seeds (min to max)", fontsize=8)
-    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    axis.grid(alpha=0.3, which="both")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _save(figure, axis, path)
 
 
 def plot_sweep(results: dict, output_dir: str | os.PathLike) -> list[Path]:
@@ -170,3 +147,13 @@ def plot_sweep(results: dict, output_dir: str | os.PathLike) -> list[Path]:
     if any(g["feasible"] for g in results["export_groups"]):
         paths.append(_versus_bits(plt, results, output_dir / FIGURES[2]))
     return paths
+
+
+def _save(figure, axis, path):
+    """Legend beside the axes, a light grid, written at 120 dpi; the figure is closed (the sweep draws many)."""
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axis.grid(alpha=0.3, which="both")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    require_matplotlib().close(figure)
+    return path
