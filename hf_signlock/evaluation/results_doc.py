@@ -112,11 +112,21 @@ def spectral_row(name: str, analysis: dict | None) -> dict:
     return row
 
 
+def display_path(path: str) -> str:
+    """A path as the document shows it: relative to the current folder when inside it (the repository), else its
+    last component (a cache folder's location says nothing to a reader)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return Path(path).name if os.path.isabs(path) else path
+
+
 def _claim_spectra(results: dict, extra: list[tuple[str, dict | None]]) -> tuple[str, list[str]]:
     ours = []
     for entry in results.get("analyses", []):
         ours.append(spectral_row(f"{entry['run']} (this sweep)", _load_analysis(entry.get("analysis"))))
-    others = [spectral_row(f"{(analysis or {}).get('model') or name} (extra{'' if analysis else ': file missing'})",
+    others = [spectral_row(f"{display_path((analysis or {}).get('model') or name)} "
+                           f"(extra{'' if analysis else ': file missing'})",
                            analysis) for name, analysis in extra]
     verdict = _worst([r["verdict"] for r in ours])
     lines = [(f"Thresholds: a layer rejects when its two-sample KS test of normalised singular values against an "
@@ -375,7 +385,7 @@ def _setup(results: dict) -> list[str]:
     steps = sorted({r.get("steps") for r in runs if r.get("steps") is not None})
     seeds = sorted({r["seed"] for r in runs})
     return [
-        (f"- Sweep: `{results['output_dir']}` from base recipe `{results['base_recipe']}` with overrides "
+        (f"- Sweep: `{display_path(results['output_dir'])}` from base recipe `{display_path(results['base_recipe'])}` with overrides "
          f"`{json.dumps(spec['overrides'])}`; {results['points']['done']} of {results['points']['total']} points "
          "done."),
         (f"- Training: {len(runs)} runs of {', '.join(map(str, steps)) or '-'} steps, "
