@@ -35,3 +35,7 @@ class CorruptCheckpointError(SignLockError, ValueError):
 
 class ModelLoadError(SignLockError, OSError):
     """A model argument (local folder or Hub id) names nothing loadable: no config, no weights, another shape."""
+
+
+class BudgetError(SignLockConfigError):
+    """A bits-per-weight budget that the signs, the codec's tables and the layer records cannot fit in."""

@@ -11,7 +11,14 @@ from safetensors.torch import load_file
 from test_quantizer import IDS, SEED, compressed, trained_model
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, pipeline
 
-from hf_signlock import CorruptCheckpointError, SignLockConfig, SignLockConfigError, SignLockError, quantize_model
+from hf_signlock import (
+    BudgetError,
+    CorruptCheckpointError,
+    SignLockConfig,
+    SignLockConfigError,
+    SignLockError,
+    quantize_model,
+)
 from hf_signlock.quantization.linear import SignLockLinear
 from hf_signlock.targets import find_target_modules
 
@@ -134,7 +141,7 @@ def test_a_cuda_device_map_without_cuda_is_refused(export):
 
 def test_an_impossible_budget_is_refused_before_loading(export):
     dense_folder = export[2]
-    with pytest.raises(SignLockConfigError, match="cannot hold packed signs.*Raise bits_per_weight"):
+    with pytest.raises(BudgetError, match="cannot hold packed signs.*Raise bits_per_weight"):
         AutoModelForCausalLM.from_pretrained(dense_folder, quantization_config=SignLockConfig(
             sign_source="packed", bits_per_weight=0.5))
     with pytest.raises(SignLockConfigError, match="Raise the bits per weight"):

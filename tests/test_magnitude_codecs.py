@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hf_signlock import SignLockConfigError
+from hf_signlock import BudgetError, SignLockConfigError
 from hf_signlock.quantization.codecs import make_codec
 
 SHAPE = (128, 352)
@@ -83,7 +83,7 @@ def test_shared_codebook_fits_budgets_a_codebook_per_layer_cannot():
     shapes = {"a": (64, 64), "b": (64, 64), "c": (160, 64)}
     magnitudes = {name: torch.randn(shape, generator=g).abs() * 0.02 + 1e-3 for name, shape in shapes.items()}
     budgets = {name: 0.1 * math.prod(shape) for name, shape in shapes.items()}
-    with pytest.raises(SignLockConfigError, match='cannot fit a 64x64 layer .*"shared": true'):
+    with pytest.raises(BudgetError, match='cannot fit a 64x64 layer .*"shared": true'):
         make_codec("vq", {"shared": False}).plan({n: (shapes[n], budgets[n]) for n in shapes})
     plan = codec.plan({n: (shapes[n], budgets[n]) for n in shapes})
     assert all(p["shared"] for p in plan.values()) and [n for n, p in plan.items() if p.get("codebook_owner")] == ["a"]
@@ -104,9 +104,9 @@ def test_bad_parameters_and_budgets_are_named():
         make_codec("lowrank", {"rnak": 2})
     with pytest.raises(SignLockConfigError, match="rank 1 needs 7680"):
         make_codec("lowrank").choose(SHAPE, 1000)
-    with pytest.raises(SignLockConfigError, match="cannot fit a 128x352 layer"):
+    with pytest.raises(BudgetError, match="cannot fit a 128x352 layer"):
         make_codec("vq").choose(SHAPE, 0.02 * math.prod(SHAPE))
-    with pytest.raises(SignLockConfigError, match="codec 'scale' stores 7680 bits .* over its budget of 5000"):
+    with pytest.raises(BudgetError, match="codec 'scale' stores 7680 bits .* over its budget of 5000"):
         make_codec("scale").choose(SHAPE, 5000)  # a fixed-size codec never ignores a budget it cannot meet
     with pytest.raises(SignLockConfigError, match="`row_scales` must be one of"):
         make_codec("vq", {"row_scales": "fp4"}).choose(SHAPE, 1e5)

@@ -65,7 +65,7 @@ import yaml
 from transformers.utils import logging
 
 from ..constants import STATE_NAME, STATS_NAME
-from ..errors import RecipeError, SignLockConfigError, SignLockError
+from ..errors import BudgetError, RecipeError, SignLockConfigError, SignLockError
 
 logger = logging.get_logger(__name__)
 
@@ -666,12 +666,12 @@ class Sweep:
                                 codec_params=self.spec.codec_params, bits_per_weight=point.budget,
                                 sign_source="packed" if point.signs == "packed" else None,
                                 refine_steps=self.spec.refine_steps)
-        except SignLockConfigError as error:
-            if not _is_budget_error(error):
-                raise SweepPointError(f"export failed: {error}") from error
+        except BudgetError as error:
             # the codec cannot meet the budget: a result (the same every time), not a failure
             return self._finish(point, {**common, "status": "infeasible", "error": str(error),
                                         "export_s": time.perf_counter() - tic})
+        except SignLockConfigError as error:
+            raise SweepPointError(f"export failed: {error}") from error
         export_s = time.perf_counter() - tic
         tic = time.perf_counter()
         evaluation = evaluate_folder(folder, batch_size=self.spec.eval_batch_size, write=False)
@@ -742,12 +742,6 @@ def _as_flags(values: dict) -> list[str]:
     from ..training.recipe import _as_flags as recipe_flags
 
     return recipe_flags(values)
-
-
-def _is_budget_error(error: SignLockConfigError) -> bool:
-    """The codec (or packed signs) cannot fit the bits-per-weight budget: the wording every such error uses."""
-    text = str(error)
-    return any(words in text for words in ("cannot fit", "cannot hold", "over its budget"))
 
 
 def _reset(folder: Path) -> None:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..errors import SignLockConfigError
+from ..errors import BudgetError, SignLockConfigError
 from ..signs import pack_signs, reference_signs
 from ..targets import find_target_modules
 from .bits import header_entry_bytes, signlock_overhead_bytes
@@ -95,7 +95,7 @@ def check_budget_is_possible(targets: dict[str, nn.Module], config: SignLockConf
     need = max((8 * math.ceil(module.weight.numel() / 8) + _bias_bits(module)) / module.weight.numel()
                for module in targets.values())
     if budget <= need:
-        raise SignLockConfigError(
+        raise BudgetError(
             f"bits_per_weight={budget} cannot hold packed signs: they alone take 1 bit per weight ({need:.3f} with "
             "the bias). Raise bits_per_weight above 1 (e.g. 1.5), or store the signs as coded flips against a seed: "
             "sign_source='seed' for a model trained from hf_signlock's seeded init."

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ...errors import CorruptCheckpointError, SignLockConfigError
+from ...errors import BudgetError, CorruptCheckpointError, SignLockConfigError
 from ...signs import unpack_signs
 
 FLOOR = 1e-12  # decoded magnitudes never reach 0: a zero would erase the sign the flips paid for
@@ -97,7 +97,7 @@ class FixedSizeCodec(MagnitudeCodec):
 
     def choose(self, shape, budget_bits):
         if budget_bits is not None and self.size_bits(shape) > budget_bits:
-            raise SignLockConfigError(
+            raise BudgetError(
                 f"codec {self.name!r} stores {self.size_bits(shape)} bits for a {shape[0]}x{shape[1]} layer, over its "
                 f"budget of {budget_bits:.0f}. Drop the bits-per-weight budget, or use 'vq' or 'lowrank', which fit one."
             )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ...errors import SignLockConfigError
+from ...errors import BudgetError, SignLockConfigError
 from .base import BF16_BITS, MagnitudeCodec
 
 
@@ -33,7 +33,7 @@ class LowRankCodec(MagnitudeCodec):
         else:
             rank = min(int(budget_bits // (BF16_BITS * sum(shape))), min(shape))
         if rank < 1:
-            raise SignLockConfigError(
+            raise BudgetError(
                 f"codec 'lowrank' cannot fit a {shape[0]}x{shape[1]} layer in {budget_bits:.0f} bits: rank 1 needs "
                 f"{BF16_BITS * sum(shape)}. Raise the bits per weight or use 'vq'."
             )

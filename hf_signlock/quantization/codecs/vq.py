@@ -14,7 +14,7 @@ import math
 import torch
 from transformers.utils import logging
 
-from ...errors import CorruptCheckpointError, SignLockConfigError
+from ...errors import BudgetError, CorruptCheckpointError, SignLockConfigError
 from ...kernels import vq as vq_kernel
 from ..bitpack import pack_uint, packed_bytes, unpack_uint
 from .base import BF16_BITS, FLOOR, MagnitudeCodec
@@ -83,7 +83,7 @@ class VectorCodec(MagnitudeCodec):
         for row_scales, b, g in self._candidates(shape):
             if budget_bits is None or self._bits(shape, b, g, row_scales) <= budget_bits:
                 return {"bits": b, "group": g, "row_scales": row_scales, **self._extra()}
-        raise SignLockConfigError(
+        raise BudgetError(
             f"codec 'vq' cannot fit a {shape[0]}x{shape[1]} layer in {budget_bits:.0f} bits with a codebook of its "
             "own. Raise the bits per weight, or share one codebook across layers: codec_params {\"shared\": true}."
         )
@@ -122,7 +122,7 @@ class VectorCodec(MagnitudeCodec):
             else:
                 plan[owner]["codebook_owner"] = True
                 return plan
-        raise SignLockConfigError(
+        raise BudgetError(
             "codec 'vq' cannot fit the budget even with one codebook shared by all layers (the codes, the layer "
             "scales and the layer records alone need more). Raise the bits per weight."
         )
