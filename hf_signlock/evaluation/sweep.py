@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
@@ -61,11 +60,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from transformers.utils import logging
 
 from ..constants import STATE_NAME, STATS_NAME
 from ..errors import BudgetError, RecipeError, SignLockConfigError, SignLockError
+from ..yaml_mapping import did_you_mean, read_yaml_mapping
 
 logger = logging.get_logger(__name__)
 
@@ -128,10 +127,8 @@ class SweepSpec:
                 raise SignLockConfigError(f"Sweep `{name}` must be a list, got {values!r}.")
             for value in values:
                 if value not in CONDITIONS:
-                    close = difflib.get_close_matches(str(value), CONDITIONS, n=1)
-                    raise SignLockConfigError(
-                        f"Sweep `{name}` names an unknown condition {value!r}"
-                        + (f" (did you mean {close[0]!r}?)" if close else "") + f"; the conditions are {CONDITIONS}.")
+                    raise SignLockConfigError(f"Sweep `{name}` names an unknown condition {value!r}"
+                                              f"{did_you_mean(value, CONDITIONS)}; the conditions are {CONDITIONS}.")
         for name in ("seeds", "replicate_seeds"):
             values = getattr(self, name)
             if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
@@ -212,23 +209,9 @@ def read_sweep(path: str | os.PathLike, **overrides) -> SweepSpec:
 
     Unknown keys are refused with the closest known key named; empty grids and budgets <= 0 are refused too."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"Sweep file {str(path)!r} does not exist. Pass an existing YAML file to --config.")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise RecipeError(f"Sweep file {str(path)!r} is not valid YAML: {error}") from None
-    if not isinstance(values, dict):
-        raise RecipeError(f"Sweep file {str(path)!r} must be a mapping of `key: value`, got {type(values).__name__}.")
     known = [f.name for f in dataclasses.fields(SweepSpec) if f.name != "spec_dir"]
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise RecipeError(f"Sweep file {str(path)!r} has unknown keys: {', '.join(hints)}. The keys are: "
-                          f"{', '.join(known)} (see recipes/sweep.yaml).")
+    values = read_yaml_mapping(path, "Sweep file", "`key: value`", known,
+                               f"The keys are: {', '.join(known)} (see recipes/sweep.yaml).")
     values.update({k: v for k, v in overrides.items() if v is not None})
     return SweepSpec(**values, spec_dir=str(path.parent))
 
@@ -394,26 +377,26 @@ class Sweep:
     not done yet, then writes the tables, figures and results document; ``sweep.status()`` lists the points."""
 
     def __init__(self, spec: SweepSpec):
+        from ..training.recipe import as_flags
+
         self.spec = spec
         self.root = Path(spec.output_dir)
         self.recipe = spec.recipe_path()
         self._recipe_sha = hashlib.sha256(self.recipe.read_bytes()).hexdigest()[:16]
-        self._override_flags = _as_flags(spec.overrides)
+        self._override_flags = as_flags(spec.overrides)
         self._check_overrides()
         self.failures: list[tuple[str, str]] = []
 
     def _check_overrides(self) -> None:
         """Unknown or ill-typed ``overrides`` and an unknown codec or codec parameter stop the sweep before anything
         is trained."""
-        from ..training.recipe import _field_names, parse_recipe
+        from ..training.recipe import field_names, parse_recipe
 
-        known = _field_names()
+        known = field_names()
         for key in self.spec.overrides:
             if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                raise RecipeError(f"Sweep `overrides` has an unknown recipe key {key!r}"
-                                  + (f" (did you mean {close[0]!r}?)" if close else "")
-                                  + "; keys are fields of `hf-signlock train --help`.")
+                raise RecipeError(f"Sweep `overrides` has an unknown recipe key {key!r}{did_you_mean(key, known)}; "
+                                  "keys are fields of `hf-signlock train --help`.")
         probe = RunPoint("gap_drift", self.spec.gap, 1.0, 1.0, self.spec.seeds[0])
         parse_recipe(self.recipe, [*self.run_flags(probe), "--output_dir", str(self.root / "runs" / "probe")])
         from ..quantization.codecs import make_codec
@@ -538,12 +521,9 @@ class Sweep:
 
             require_matplotlib()
         if self.analyses():
-            try:
-                from .sign_metrics import require_scipy_stats
-            except ImportError:  # no analysis module in this tree: its points fail and the document says so
-                pass
-            else:
-                require_scipy_stats()
+            from .sign_metrics import require_scipy_stats
+
+            require_scipy_stats()
         self.root.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         points = self.points()
@@ -690,10 +670,8 @@ class Sweep:
         })
 
     def _compute_analysis(self, point: AnalysisPoint) -> dict:
-        try:
-            from .analyze import analyze
-        except ImportError as error:
-            raise SweepPointError(f"hf_signlock.evaluation.analyze cannot be imported: {error}") from error
+        from .analyze import analyze
+
         folder = self.folder(point)
         _reset(folder)
         tic = time.perf_counter()
@@ -736,12 +714,6 @@ class Sweep:
         doc = write_results_doc(results, self.spec.doc_path(), figures=figures,
                                 extra_analyses=self.spec.extra_analyses)
         return {"results": self.root / RESULTS_NAME, "table": self.root / TABLE_NAME, "figures": figures, "doc": doc}
-
-
-def _as_flags(values: dict) -> list[str]:
-    from ..training.recipe import _as_flags as recipe_flags
-
-    return recipe_flags(values)
 
 
 def _reset(folder: Path) -> None:

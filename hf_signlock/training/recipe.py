@@ -7,51 +7,34 @@ so that argparse type-checks every value and the last occurrence, the user's, wi
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
 from transformers import HfArgumentParser
 
 from ..data import DataArguments
 from ..errors import RecipeError
+from ..yaml_mapping import read_yaml_mapping
 from .arguments import SignLockTrainingArguments
 from .run import ModelArguments
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, SignLockTrainingArguments)
 
 
-def _field_names() -> set[str]:
+def field_names() -> set[str]:
+    """Every key a recipe may set: the init fields of the argument dataclasses."""
     return {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.init}
 
 
 def read_recipe(path: str | Path) -> dict:
     """The mapping of a YAML recipe; unknown keys are refused with the closest known field named."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"Recipe {str(path)!r} does not exist. Pass an existing YAML file to --config.")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise RecipeError(f"Recipe {str(path)!r} is not valid YAML: {error}") from None
-    if not isinstance(values, dict):
-        raise RecipeError(f"Recipe {str(path)!r} must be a mapping of `field: value`, got {type(values).__name__}.")
-    known = _field_names()
-    unknown = sorted(set(values) - known)
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, known, n=1)
-            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise RecipeError(
-            f"Recipe {str(path)!r} has unknown keys: {', '.join(hints)}. Keys must be fields of ModelArguments, "
-            "DataArguments or SignLockTrainingArguments (see `hf-signlock train --help`)."
-        )
-    return values
+    return read_yaml_mapping(path, "Recipe", "`field: value`", field_names(),
+                             "Keys must be fields of ModelArguments, DataArguments or SignLockTrainingArguments (see "
+                             "`hf-signlock train --help`).")
 
 
-def _as_flags(values: dict) -> list[str]:
+def as_flags(values: dict) -> list[str]:
+    """Recipe values as command-line strings (``key: value`` -> ``--key value``; lists spread, booleans lowercase)."""
     flags = []
     for key, value in values.items():
         if value is None:
@@ -77,7 +60,7 @@ def parse_recipe(config: str | Path | None = None, argv: Sequence[str] = ()):
     parser = make_parser()
     parser.set_defaults(**{k: None for k, v in values.items() if v is None})
     model_args, data_args, training_args, rest = parser.parse_args_into_dataclasses(
-        args=[*_as_flags(values), *argv], return_remaining_strings=True
+        args=[*as_flags(values), *argv], return_remaining_strings=True
     )
     if rest:
         raise RecipeError(f"Unknown command-line arguments: {rest}. See `hf-signlock train --help`.")
