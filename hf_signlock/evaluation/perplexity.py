@@ -207,10 +207,9 @@ def _default_device():
 
 def checkpoint_bits(folder: str | os.PathLike) -> dict:
     """Bits per target weight and whole-checkpoint bits per parameter of a SignLock export; ``{}`` otherwise."""
-    config = Path(folder, "config.json")
-    if not config.is_file():
-        return {}
-    if json.loads(config.read_text()).get("quantization_config", {}).get("quant_method") != "signlock":
+    from .references import signlock_quantization_config
+
+    if signlock_quantization_config(str(folder)) is None:
         return {}
     from ..quantization.bits import checkpoint_report
 
@@ -222,13 +221,9 @@ def checkpoint_bits(folder: str | os.PathLike) -> dict:
 def sign_flips(model_source: str, model, reference: str | None) -> dict:
     """Flip rate of ``model`` against ``reference`` (None: what the run or export records); ``{}`` when no
     reference is given and none is recorded."""
-    try:
-        from .references import resolve_reference
-        from .sign_metrics import flip_report
-    except ModuleNotFoundError:  # written beside this module; until then only an explicit --reference is an error
-        if reference is not None:
-            raise
-        return {}
+    from .references import resolve_reference
+    from .sign_metrics import flip_report
+
     signs = resolve_reference(model_source, reference, model=model)
     if signs is None:
         return {}
