@@ -9,11 +9,10 @@ import peft
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from test_quantizer import CONFIGS, IDS, SEED, trained_model
+from test_contract import CONFIGS
+from test_quantizer import IDS, SEED, trained_model
 from transformers import (
     AutoModelForCausalLM,
-    MistralConfig,
-    Qwen2Config,
     Trainer,
     TrainingArguments,
     default_data_collator,
@@ -25,13 +24,7 @@ from hf_signlock import MissingDependencyError, SignLockConfig, SignLockConfigEr
 from hf_signlock.quantization.linear import SignLockLinear
 from hf_signlock.quantization.lora import SignLockLoraLinear, get_lora_config, register_lora_modules
 
-ARCH_CONFIGS = {
-    **CONFIGS,
-    "qwen2": lambda: Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=64),
-    "mistral": lambda: MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     num_key_value_heads=2, vocab_size=64),
-}
+ARCH_CONFIGS = CONFIGS  # Llama, Qwen2, Mistral and GPT-2, as the quantizer contract tests them
 LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS = {"llama": LLAMA_LIKE, "qwen2": LLAMA_LIKE, "mistral": LLAMA_LIKE, "gpt2": ["c_attn", "c_proj", "c_fc"]}
 # the exact codec makes base logits bit-identical to the dense model's; scale is lossy (and Qwen2's q/k/v have biases)

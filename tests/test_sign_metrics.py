@@ -4,12 +4,11 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from test_analyze import seeded_llama
 
 from hf_signlock.errors import MissingDependencyError, SignLockConfigError
 from hf_signlock.evaluation import sign_metrics as m
 from hf_signlock.evaluation.references import resolve_reference
-from hf_signlock.signs import reference_signs
 from hf_signlock.targets import find_target_modules
 
 # an orthogonal +-1 matrix: every singular value is sqrt(4) = 2
@@ -121,20 +120,8 @@ def test_missing_scipy_names_the_extra(monkeypatch):
         m.spectral_ks_test(HADAMARD4)
 
 
-def _seeded_model(seed: int = 5):
-    """A tiny Llama whose target weights follow the seeded signs of ``seed`` exactly (magnitudes 0.01 to 1)."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
-    with torch.no_grad():
-        for name, module in find_target_modules(model).items():
-            s0 = reference_signs(seed, f"{name}.weight", module.weight.shape)
-            module.weight.copy_(s0 * (0.01 + torch.rand_like(module.weight)))
-    return model
-
-
 def test_flip_report_counts_each_flip_and_zero(tmp_path):
-    model = _seeded_model()
+    model = seeded_llama()
     up = model.model.layers[1].mlp.up_proj.weight
     with torch.no_grad():
         up[0, :3].neg_()  # three flips
