@@ -34,7 +34,7 @@ def quickstart(tokens: int):
     """The quickstart model, its tokenizer, and the first ``tokens`` of its default evaluation text."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_signlock.evaluation.text import resolve_eval_text
+    from hf_signlock.text import resolve_eval_text
 
     folder = ROOT / "runs" / "quickstart"
     if not (folder / "model.safetensors").exists():

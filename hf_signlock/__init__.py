@@ -12,6 +12,10 @@ from importlib import import_module
 
 from .constants import SIGNS_FORMAT_VERSION
 from .errors import (
+    BaseArchitectureError,
+    BaseModelError,
+    BaseModelNotFoundError,
+    BaseSignsMismatchError,
     BudgetError,
     CorruptCheckpointError,
     DataError,
@@ -43,6 +47,7 @@ _LAZY = {
     "SignLockHfQuantizer": "hf_signlock.quantization.quantizer",
     "SignLockLinear": "hf_signlock.quantization.linear",
     "export_run": "hf_signlock.quantization.export",
+    "save_sign_pack": "hf_signlock.quantization.base_signs",
     "checkpoint_report": "hf_signlock.quantization.bits",
     "write_bits_report": "hf_signlock.quantization.bits",
     "get_lora_config": "hf_signlock.quantization.lora",
@@ -92,6 +97,10 @@ register_when_transformers_loads()
 
 __all__ = [
     "SIGNS_FORMAT_VERSION",
+    "BaseArchitectureError",
+    "BaseModelError",
+    "BaseModelNotFoundError",
+    "BaseSignsMismatchError",
     "BudgetError",
     "CorruptCheckpointError",
     "DataError",
@@ -136,6 +145,7 @@ __all__ = [
     "resolve_reference",
     "resolve_targets",
     "run_sweep",
+    "save_sign_pack",
     "seeded_sign_bits",
     "seeded_signs",
     "sign_key",

@@ -108,7 +108,8 @@ def export_card(folder: str | os.PathLike, model_id: str, base_model: str | None
     return ModelCard.from_template(
         card_data, template_path=str(TEMPLATES / "signlock_export.md"), model_name=name, model_id=model_id,
         architecture=(config.get("architectures") or [config.get("model_type", "")])[0], base_model=base_model,
-        seed=quantization.get("seed"), sign_source=report["sign_source"], codec=report["codec"],
+        seed=quantization.get("seed"), sign_source=report["sign_source"], sign_base=quantization.get("base_model"),
+        codec=report["codec"],
         codec_params=json.dumps(report.get("codec_params") or {}), bpw=report["bpw"], checkpoint=checkpoint,
         flip_rate=flip_rate, perplexity=perplexity, perplexity_source=source, dataset=dataset, training=training,
         refinement=report.get("refinement"), has_tokenizer=(folder / "tokenizer_config.json").exists(),

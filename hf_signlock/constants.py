@@ -8,6 +8,7 @@ know instead of guessing.
 SIGNS_FORMAT_VERSION = 1  # the seeded sign generator (see hf_signlock/signs/generator.py and docs/method.md)
 EXPORT_FORMAT_VERSION = 3  # SignLock checkpoints. 3: compact binary layer records; 2: JSON records; 1: a tensor per table
 FLIP_CODE_VERSION = 1  # the coded flip stream inside each layer's payload
+SIGN_PACK_FORMAT_VERSION = 1  # sign packs: a base model's target signs, 1 bit each (quantization/base_signs.py)
 QUANT_METHOD = "signlock"  # `quantization_config.quant_method` in config.json
 
 # SplitMix64 (Steele, Lea & Flood 2014), the counter-based hash behind the seeded signs. Shared by the reference
@@ -27,3 +28,6 @@ BPW_NAME = "bpw.json"  # bits of every target layer and of the whole checkpoint
 EVAL_NAME = "eval.json"  # perplexity measured by `hf-signlock evaluate`
 TRAINING_STATS_NAME = "training_" + STATS_NAME  # the run's stats, copied beside the export
 CARD_NAME = "README.md"  # the model card
+
+# --- a sign pack: a base model's signs, published once for the exports stored against it ------------------------------
+SIGN_PACK_NAME = "signlock_signs.safetensors"  # one bit-packed uint8 tensor per target weight, with metadata

@@ -39,3 +39,20 @@ class ModelLoadError(SignLockError, OSError):
 
 class BudgetError(SignLockConfigError):
     """A bits-per-weight budget that the signs, the codec's tables and the layer records cannot fit in."""
+
+
+class BaseModelError(SignLockError, ValueError):
+    """The base model an export's signs are stored against (``sign_source="base"``) cannot give those signs."""
+
+
+class BaseModelNotFoundError(BaseModelError):
+    """The base model (local folder or Hub id, at its revision) is missing, or holds neither a sign pack nor
+    safetensors weights."""
+
+
+class BaseArchitectureError(BaseModelError):
+    """The base model's target weights have other names or shapes than the checkpoint's."""
+
+
+class BaseSignsMismatchError(BaseModelError):
+    """The base model's signs are not those the checkpoint was exported against (their checksum differs)."""

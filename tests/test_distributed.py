@@ -49,7 +49,7 @@ use_cpu: true
 def _run(command, tmp_path):
     env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "datasets"), "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    result = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
 
 
@@ -62,7 +62,7 @@ def test_launch_without_cpu_flag_is_refused(tmp_path):
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
          "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hf_signlock", "train", "--config",
          str(recipe), "--output_dir", str(tmp_path / "out")],
-        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
+        check=False, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
     )
     assert result.returncode != 0 and "use_cpu: true" in result.stderr
 

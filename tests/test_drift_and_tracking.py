@@ -5,7 +5,15 @@ import torch
 from reference_signs import plain_outward_drift
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from hf_signlock import FlipTracker, SignReference, apply_gap_init, geometric_tail_ratio, outward_drift
+from hf_signlock import (
+    FlipTracker,
+    SignReference,
+    apply_gap_init,
+    geometric_tail_ratio,
+    outward_drift,
+    resolve_targets,
+)
+from hf_signlock.training.drift import margin_share
 
 
 @pytest.fixture
@@ -86,3 +94,59 @@ def test_captured_reference_round_trip(seeded_model):
     restored.load_state_dict(state)  # ... until the checkpoint's are loaded
     for t in targets:
         assert torch.equal(restored.signs(t), captured.signs(t))
+
+
+def _pretrained_like(scales):
+    """A tiny Llama whose target weights are N(0, std_l^2) with a known, different std per layer (far from the
+    config's initializer_range, as in a pretrained model)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64, initializer_range=0.02)
+    model = AutoModelForCausalLM.from_config(config)
+    targets = resolve_targets(model)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for t, std in zip(targets, scales):
+            t.param.copy_(torch.randn(t.param.shape, generator=generator) * std)
+    return model, targets
+
+
+def test_captured_sigma_is_each_layers_starting_rms():
+    scales = [0.05 * (i + 1) for i in range(14)]  # 2 layers x 7 projections
+    _, targets = _pretrained_like(scales)
+    reference = SignReference.capture(targets)
+    assert reference.sigma_source == "start_rms"
+    for t, std in zip(targets, scales):
+        w = t.param.detach().double()
+        assert reference.sigma(t) == pytest.approx(w.pow(2).mean().sqrt().item(), rel=1e-12)
+        assert reference.sigma(t) == pytest.approx(std, rel=5 / (2 * w.numel()) ** 0.5)  # the std it was drawn with
+        assert t.init_std == pytest.approx(0.02)  # what seeded runs use, and captured ones no longer do
+    margin = 0.25
+    value = outward_drift(reference, margin)
+    grads = torch.autograd.grad(value, [t.param for t in targets])
+    n = sum(t.param.numel() for t in targets)
+    inside_total = 0
+    for g, t in zip(grads, targets):
+        # Captured signs are the starting signs, so s0 * w = |w|: the hinge acts where |w| < d * rms_l.
+        inside = t.param.detach().abs() < margin * reference.sigma(t)
+        inside_total += int(inside.sum())
+        assert torch.equal(g != 0, inside)
+        assert 0.1 < inside.float().mean() < 0.3  # ~20% of a normal layer lies within 0.25 std of zero
+    assert margin_share(reference, margin) == inside_total / n
+    expected = sum(torch.relu(margin * reference.sigma(t) - t.param.detach().abs()).sum().item() for t in targets) / n
+    assert value.item() == pytest.approx(expected, rel=1e-5)
+    # The near-zero band is in the same unit.
+    observed = FlipTracker(reference, near_zero_band=0.25).observe(0)
+    assert observed["near_zero_fraction"] == inside_total / n and observed["flip_rate"] == 0.0
+
+
+def test_seeded_and_explicit_sigma_stay_the_init_std():
+    _, targets = _pretrained_like([0.3] * 14)
+    explicit = SignReference.capture(targets, scale_from_weights=False)  # what an explicit `init_std` asks for
+    for reference in (SignReference.from_seed(targets, seed=8), explicit):
+        assert reference.sigma_source == "init_std"
+        assert all(reference.sigma(t) == t.init_std == pytest.approx(0.02) for t in targets)
+    with torch.no_grad():  # an all-zero layer has no scale of its own: it keeps its init std
+        targets[0].param.zero_()
+    reference = SignReference.capture(targets)
+    assert reference.sigma(targets[0]) == targets[0].init_std and reference.sigma(targets[1]) > 0.2

@@ -18,8 +18,8 @@ from hf_signlock import (
 )
 from hf_signlock.training.init_distribution import InitDistribution
 
-SMALL = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             vocab_size=128, bos_token_id=0, eos_token_id=1)
+SMALL = {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "vocab_size": 128, "bos_token_id": 0, "eos_token_id": 1}
 CONFIGS = {
     "llama": lambda: LlamaConfig(**SMALL),
     "qwen2": lambda: Qwen2Config(**SMALL),

@@ -22,7 +22,7 @@ from hf_signlock.evaluation.perplexity import (
     sliding_window_perplexity,
     sliding_windows,
 )
-from hf_signlock.evaluation.text import resolve_eval_text
+from hf_signlock.text import resolve_eval_text
 
 REPO = Path(__file__).resolve().parents[1]
 METRIC = REPO / "hf_signlock" / "evaluation" / "metrics" / "perplexity"

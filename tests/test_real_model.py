@@ -7,9 +7,10 @@ dense and compressed to the same logits, generates, and its perplexity on held-o
 bf16; the Trainer refuses to re-initialise the pretrained model and captures its signs instead; LoRA trains on the
 compressed model. The expensive work (one quantization, 75-100 s on 2 cores; one save) is shared by the module.
 
-What these tests do not claim: quality. At 1.5 bits per weight (1 of them for the packed signs) the vq codec without
-refinement collapses this model (perplexity 1e4-1e5 x the dense one's: it clips the largest magnitudes); see
-``bench/bench_real_model.py`` for the measured quality per budget.
+The vq tests do not claim quality: at 1.5 bits per weight (1 of them for the packed signs) the vq codec without
+refinement collapses this model (perplexity 1e4-1e5 x the dense one's: it clips the largest magnitudes). The
+calibrated export (``signmag``, 3.25 bits) does: within 2x the dense perplexity on the held-out windows;
+``bench/bench_real_export.py`` measures quality per budget against RTN and GPTQ.
 """
 
 from __future__ import annotations
@@ -233,3 +234,24 @@ def test_lora_trains_only_adapters_on_the_compressed_model(export, held_out):
     assert not frozen
     layers = _compressed(model)
     assert len(layers) == 210 and all(not layer.payload.requires_grad for layer in layers.values())
+
+
+# Calibrated export at 3.25 bits per target weight (packed signs + signmag, 16 x 256 calibration tokens of the
+# corpus' training split): perplexity on the held-out windows over the dense model's. The issue's floor is 2.0;
+# measured 1.49 with the default 64 windows on 4,096 held-out tokens (bench/results/real_export.md).
+CALIBRATED_FACTOR = 2.0
+
+
+def test_calibrated_export_keeps_quality_at_three_and_a_quarter_bits(smollm2, dense, held_out, tmp_path):
+    from hf_signlock.quantization.calibration import CalibrationArguments
+    from hf_signlock.quantization.export import export_run
+
+    report = export_run(smollm2, tmp_path / "out", bits_per_weight=3.25,
+                        calibration=CalibrationArguments(samples=16))
+    assert report["codec"] == "signmag" and report["sign_source"] == "packed" and report["bpw"] <= 3.25
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ratio = _perplexity(loaded, held_out) / _perplexity(dense, held_out)
+    assert ratio <= CALIBRATED_FACTOR, ratio
+    for name in target_names()[:14]:  # every sign exact (two blocks' worth, to keep it quick)
+        module, original = loaded.get_submodule(name), dense.get_submodule(name)
+        assert torch.equal(module.weight >= 0, original.weight >= 0), name

@@ -42,11 +42,11 @@ def dataset():
 
 
 def make_args(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path / "run"), max_steps=12, per_device_train_batch_size=8, learning_rate=1e-2,
-        logging_steps=4, flip_tracking_steps=2, report_to="none", save_strategy="no", seed=3,
-        dataloader_pin_memory=False, disable_tqdm=True, use_cpu=True,
-    )
+    values = {
+        "output_dir": str(tmp_path / "run"), "max_steps": 12, "per_device_train_batch_size": 8, "learning_rate": 1e-2,
+        "logging_steps": 4, "flip_tracking_steps": 2, "report_to": "none", "save_strategy": "no", "seed": 3,
+        "dataloader_pin_memory": False, "disable_tqdm": True, "use_cpu": True,
+    }
     values.update(overrides)
     return SignLockTrainingArguments(**values)
 
@@ -66,6 +66,9 @@ def test_tiny_run_logs_and_writes_stats(tmp_path, dataset):
                 "seed", "versions"):
         assert key in stats
     assert stats["seed"] == 3 and stats["target_weights"] == sum(stats["crossing_histogram"])
+    # Seeded runs measure the margin in init stds (0.02 here), one per target.
+    assert stats["drift_sigma"]["source"] == "init_std"
+    assert list(stats["drift_sigma"]["per_target"].values()) == pytest.approx([0.02] * len(trainer.reference.targets))
     assert stats["eval_perplexity"] == pytest.approx(torch.tensor(stats["eval_loss"]).exp().item())
     assert stats["versions"]["torch"] == torch.__version__
     # The flip rate in the file is recomputed from the final weights against the regenerated signs.
@@ -128,7 +131,8 @@ def test_drift_gradient_is_lambda_grad_r(tmp_path, dataset, accumulation):
 
 
 def test_resume_continues_tracking_exactly(tmp_path, dataset):
-    common = dict(max_steps=12, save_strategy="steps", save_steps=6, flip_tracking_steps=4, learning_rate=3e-2)
+    common = {"max_steps": 12, "save_strategy": "steps", "save_steps": 6, "flip_tracking_steps": 4,
+              "learning_rate": 3e-2}
     straight = SignLockTrainer(model=tiny_model(), args=make_args(tmp_path, output_dir=str(tmp_path / "a"), **common),
                                train_dataset=dataset)
     straight.train()
@@ -150,8 +154,28 @@ def test_captured_reference_for_fine_tuning(tmp_path, dataset):
     assert trainer.tracker.observe(0)["flip_rate"] == 0.0
     for target in trainer.reference.targets:  # the pretrained weights were not re-initialised
         assert torch.equal(torch.sign(target.param.detach()), before[target.name])
+    start_rms = {t.name: t.param.detach().double().pow(2).mean().sqrt().item() for t in trainer.reference.targets}
     trainer.train()
-    assert json.loads((tmp_path / "run" / "signlock_stats.json").read_text())["reference_mode"] == "captured"
+    stats = json.loads((tmp_path / "run" / "signlock_stats.json").read_text())
+    assert stats["reference_mode"] == "captured"
+    # sigma_l, the unit of the margin, is each layer's starting RMS, recorded per target.
+    assert stats["drift_sigma"]["source"] == "start_rms"
+    assert stats["drift_sigma"]["per_target"] == pytest.approx(start_rms, rel=1e-12)
+    assert 0 < stats["margin_share_at_start"] < 1
+
+
+def test_captured_resume_keeps_the_starting_sigma(tmp_path, dataset):
+    common = {"reference_mode": "captured", "max_steps": 4, "save_strategy": "steps", "save_steps": 2}
+    first = SignLockTrainer(model=tiny_model(), args=make_args(tmp_path, **common), train_dataset=dataset)
+    first.train()
+    other = tiny_model(1)
+    with torch.no_grad():  # a model with another scale: its own RMS must not replace the checkpoint's
+        for p in other.parameters():
+            p.mul_(3)
+    resumed = SignLockTrainer(model=other, args=make_args(tmp_path, output_dir=str(tmp_path / "b"), **common),
+                              train_dataset=dataset)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert resumed.reference.scales == pytest.approx(first.reference.scales, rel=1e-12)
 
 
 def test_nan_loss_stops_with_clear_error(tmp_path, dataset):

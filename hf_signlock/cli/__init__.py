@@ -7,6 +7,7 @@
     hf-signlock sweep --config recipes/sweep.yaml
     hf-signlock inspect DIR
     hf-signlock push DIR REPO_ID [--private] [--revision BRANCH] [--create_pr] ...
+    hf-signlock signs BASE OUT_DIR [--revision REV] [--target_modules ...]
 
 Every flag is also accepted with dashes (``--bits-per-weight``), as transformers' own parser does.
 """
@@ -17,10 +18,10 @@ import argparse
 import sys
 
 from ..errors import SignLockError
-from . import analyze, evaluate, export, inspect, push, sweep, train
+from . import analyze, evaluate, export, inspect, push, signs, sweep, train
 
 COMMANDS = {"train": train, "export": export, "eval": evaluate, "evaluate": evaluate, "analyze": analyze, "sweep": sweep,
-            "inspect": inspect, "push": push}
+            "inspect": inspect, "push": push, "signs": signs}
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,7 @@
 """``hf-signlock export RUN_DIR OUT_DIR``: compress a trained model folder into a sub-bit SignLock checkpoint.
 
-The flags are ``export_run``'s arguments, with its defaults: vq at 1 bit per weight, no refinement.
+The flags are ``export_run``'s arguments, with its defaults: vq at 1 bit per weight, no refinement; with a budget
+that leaves the magnitudes 2 bits a weight or more, the calibrated ``signmag`` codec.
 """
 
 from __future__ import annotations
@@ -15,12 +16,24 @@ def add_parser(commands) -> None:
     parser = commands.add_parser("export", help="Compress a trained model folder into a sub-bit SignLock checkpoint.")
     parser.add_argument("run_dir", help="a training run's output folder (model, tokenizer, signlock_stats.json)")
     parser.add_argument("out_dir")
-    option(parser, "codec", default="vq", help="magnitude codec: vq (default), lowrank, scale, exact (lossless)")
+    option(parser, "codec", default=None, choices=["vq", "signmag", "lowrank", "scale", "exact"],
+           help="magnitude codec: signmag (calibrated levels; the default from 2 magnitude bits a weight), vq "
+                "(codebooks; the default below), lowrank, scale, exact (lossless)")
     option(parser, "bits_per_weight", type=float, default=None,
            help="total budget per target weight, everything counted (default: 1.0 for vq and lowrank)")
     option(parser, "codec_params", type=json.loads, default=None, help='JSON, e.g. \'{"bits": 8, "group": 16}\'')
-    option(parser, "sign_source", default=None, choices=["seed", "template", "packed"],
-           help="override the run's sign source (packed: explicit 1-bit signs)")
+    option(parser, "sign_source", default=None, choices=["seed", "template", "packed", "base"],
+           help="override the run's sign source (packed: explicit 1-bit signs; base: flips against --base_model)")
+    option(parser, "base_model", default=None,
+           help="store the signs as flips against this model's (folder, Hub id or sign pack): a fine-tune's base "
+                "(default: the model a captured run records having started from)")
+    option(parser, "base_revision", default=None, help="Hub revision of --base_model (default: main)")
+    option(parser, "calibration_dataset", default=None,
+           help="calibration text for signmag, as `eval --dataset` (default: the run's training text, else the "
+                "built-in corpus)")
+    option(parser, "calibration_split", default="train")
+    option(parser, "calibration_samples", type=int, default=64, help="windows of calibration text (0: none)")
+    option(parser, "calibration_length", type=int, default=256, help="tokens per calibration window")
     option(parser, "dequantize", type=boolean, default=None,
            help="what from_pretrained gives by default: true dense modules (the default), false compressed ones")
     option(parser, "refine_steps", type=int, default=0,
@@ -34,12 +47,17 @@ def add_parser(commands) -> None:
 
 def run(args, rest) -> int:
     """Run ``hf-signlock export``; returns the exit code."""
+    from ..quantization.calibration import CalibrationArguments
     from ..quantization.export import export_run
 
     report = export_run(args.run_dir, args.out_dir, codec=args.codec, bits_per_weight=args.bits_per_weight,
                         codec_params=args.codec_params, sign_source=args.sign_source, dequantize=args.dequantize,
                         refine_steps=args.refine_steps, refine_learning_rate=args.refine_learning_rate,
-                        refine_loss=args.refine_loss, dtype=args.dtype)
+                        refine_loss=args.refine_loss, dtype=args.dtype, base_model=args.base_model,
+                        base_revision=args.base_revision,
+                        calibration=CalibrationArguments(args.calibration_dataset, split=args.calibration_split,
+                                                         samples=args.calibration_samples,
+                                                         sequence_length=args.calibration_length))
     total, checkpoint = report["total"], report["checkpoint"]
     flips = f"{total['flips']:,} flips" if report["sign_source"] != "packed" else "packed signs"
     print(f"{args.out_dir}: {report['bpw']:.4f} bits per target weight ({total['weights']:,} weights, {flips}, "

@@ -8,7 +8,7 @@ the number of processes do not change it. Under ``torchrun`` / ``accelerate laun
 ``world_size``-th window and the sums are reduced once with ``torch.distributed``.
 
 ``evaluate_model`` adds the rest of ``hf-signlock eval``: load the model, resolve the text (see
-:mod:`hf_signlock.evaluation.text`), check the window against the model's context, and add the checkpoint's bits
+:mod:`hf_signlock.text`), check the window against the model's context, and add the checkpoint's bits
 per weight and, with a reference, its flip rate. ``evaluate_folder`` is the held-out evaluation of a run or export
 that writes ``eval.json`` beside it.
 """
@@ -240,7 +240,7 @@ def evaluate_model(model, dataset: str | None = None, *, tokenizer=None, dataset
     ``model``: a local folder or a Hub id (dense or SignLock; loaded with ``from_pretrained``), or a loaded model
     (then pass ``tokenizer``). ``dataset``: a text/json/csv/parquet file, a folder of them, a ``datasets`` name, or
     None for the held-out split of the run's own data (``data_args`` to override it); see
-    :func:`hf_signlock.evaluation.text.resolve_eval_text`. ``window`` defaults to the model's context (at most
+    :func:`hf_signlock.text.resolve_eval_text`. ``window`` defaults to the model's context (at most
     1024), ``stride`` to half the window. ``max_tokens`` keeps the first tokens of the text (quick runs).
     ``reference``: the signs to count flips against (None: what the run or export recorded, if anything).
     ``device``: where a MODEL given by path is loaded (default: this process's GPU, else the CPU); a loaded model
@@ -254,7 +254,7 @@ def evaluate_model(model, dataset: str | None = None, *, tokenizer=None, dataset
 
     from ..errors import ModelLoadError
     from .loading import check_model_folder, load_causal_lm
-    from .text import resolve_eval_text
+    from ..text import resolve_eval_text
 
     loaded = not isinstance(model, (str, os.PathLike))
     source = str(getattr(model, "name_or_path", "") or "") if loaded else str(model)

@@ -332,7 +332,8 @@ def _export(folder: Path, source: str, argument: str) -> ReferenceSigns:
         layer = layers.get(name)
         return None if layer is None else unpack_signs(layer.packed_signs().cpu(), layer.shape)
 
-    how = "packed signs" if config.sign_source == "packed" else f"seed {config.seed} + coded flips"
+    how = ("packed signs" if config.sign_source == "packed" else f"base model {config.base_model} + coded flips"
+           if config.sign_source == "base" else f"seed {config.seed} + coded flips")
     return ReferenceSigns(f"stored signs of the SignLock export {source} ({how})", lookup, kind="export",
                           target_modules=config.target_modules,
                           shape_of=lambda name: layers[name].shape if name in layers else None, argument=argument)

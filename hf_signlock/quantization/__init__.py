@@ -1,9 +1,9 @@
 """Sub-bit quantization for transformers: ``SignLockConfig``, the ``signlock`` quantizer and ``quantize_model``.
 
-Signs come from the seed (only flipped positions are stored, entropy-coded) or are packed; magnitudes go through a
-codec. ``from_pretrained`` loads such checkpoints once ``hf_signlock`` is imported, and quantizes dense models on
-load given a ``SignLockConfig``. Importing this package is light: the quantizer and its transformers machinery load
-with the first use of ``quantize_model`` or ``from_pretrained``.
+Signs come from the seed or from a base model's signs (only flipped positions are stored, entropy-coded) or are
+packed; magnitudes go through a codec. ``from_pretrained`` loads such checkpoints once ``hf_signlock`` is imported,
+and quantizes dense models on load given a ``SignLockConfig``. Importing this package is light: the quantizer and its
+transformers machinery load with the first use of ``quantize_model`` or ``from_pretrained``.
 """
 
 from .config import DEFAULT_BITS_PER_WEIGHT, SignLockConfig

@@ -20,7 +20,7 @@ from ..signs import check_seed
 from .codecs import CODECS, DEFAULT_CODEC, make_codec
 from .records import decode_records, encode_records, targets_checksum
 
-SIGN_SOURCES = ("seed", "template", "packed")
+SIGN_SOURCES = ("seed", "template", "packed", "base")
 DEFAULT_BITS_PER_WEIGHT = 1.0  # the budget of codecs that fit one, when none is given (CLI and Python alike)
 
 
@@ -30,7 +30,13 @@ class SignLockConfig(QuantizationConfigMixin):
     Args:
         seed: the sign seed the model was initialised with (``sign_source`` "seed" or "template").
         sign_source: "seed" (signs regenerated from the seed, flips stored), "template" (low-rank seeded template,
-            flips stored) or "packed" (explicit 1-bit signs: for models not trained from our seeded init).
+            flips stored), "packed" (explicit 1-bit signs: for models not trained from our seeded init) or "base"
+            (flips stored against the signs of ``base_model``: for fine-tunes of a pretrained model).
+        base_model: with ``sign_source="base"``: the model the signs are stored against, a local folder or a Hub id,
+            holding a sign pack (``hf-signlock signs``) or dense safetensors weights. Also a loading attribute:
+            ``from_pretrained(repo, quantization_config=SignLockConfig(base_model="/local/copy"))`` looks for the
+            base elsewhere (with ``base_revision``); its signs must still match ``base_signs_checksum``.
+        base_revision: the base's Hub revision (branch, tag or commit); None: main (or a local folder).
         template_rank: rank of the template (``sign_source="template"``).
         target_modules: patterns of the modules to compress (None: every Linear/Conv1D inside the repeated blocks).
         codec: magnitude codec, one of "vq" (default), "lowrank", "scale", "exact" (lossless).
@@ -44,15 +50,16 @@ class SignLockConfig(QuantizationConfigMixin):
             each forward (save_pretrained writes the same bytes back). None (default): dense when loading a SignLock
             checkpoint, compressed when quantizing a dense model on load. A loading attribute: a checkpoint's
             config is overridden by ``from_pretrained(repo, quantization_config=SignLockConfig(dequantize=...))``.
-        layers, targets_checksum, dtype: written by export (compact layer records, the checksum of the target names,
-            the dtype of stored biases); never set by hand.
+        layers, targets_checksum, dtype, base_signs_checksum: written by export (compact layer records, the checksum
+            of the target names, the dtype of stored biases, the checksum of the base's signs); never set by hand.
     """
 
     def __init__(self, seed: int | None = None, sign_source: str = "seed", template_rank: int = 8,
                  target_modules: list[str] | str | None = None, codec: str = DEFAULT_CODEC,
                  codec_params: dict[str, Any] | None = None, bits_per_weight: float | None = None,
                  dequantize: bool | None = None, layers: str | None = None, targets_checksum: str | None = None,
-                 dtype: str | None = None, format_version: int = EXPORT_FORMAT_VERSION, **kwargs):
+                 dtype: str | None = None, base_model: str | None = None, base_revision: str | None = None,
+                 base_signs_checksum: str | None = None, format_version: int = EXPORT_FORMAT_VERSION, **kwargs):
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.seed = seed
@@ -66,6 +73,9 @@ class SignLockConfig(QuantizationConfigMixin):
         self.layers = layers
         self.targets_checksum = targets_checksum
         self.dtype = dtype
+        self.base_model = None if base_model is None else str(base_model)  # a Path is accepted; JSON keeps a str
+        self.base_revision = base_revision
+        self.base_signs_checksum = base_signs_checksum
         self.post_init()
 
     def post_init(self):
@@ -86,12 +96,18 @@ class SignLockConfig(QuantizationConfigMixin):
         if self.template_rank < 1:
             raise SignLockConfigError(f"`template_rank` must be >= 1, got {self.template_rank}.")
         make_codec(self.codec, self.codec_params)  # unknown codec parameters are refused here, not at export
+        if self.sign_source == "base" and not self.base_model:
+            raise SignLockConfigError(
+                "`sign_source='base'` stores the signs as flips against a base model's signs: pass `base_model` (the "
+                "pretrained model the fine-tune started from: a local folder, a Hub id or a sign pack), or use "
+                "sign_source='packed'."
+            )
         if self.layers is not None:  # a checkpoint's config; a bare one may only carry loading attributes
             self.check_seed()
 
     def check_seed(self):
         """A seeded sign source needs an integer seed."""
-        if self.sign_source == "packed":
+        if self.sign_source in ("packed", "base"):
             return
         if self.seed is None:
             raise SignLockConfigError(
@@ -153,5 +169,9 @@ class SignLockConfig(QuantizationConfigMixin):
 
     def get_loading_attributes(self) -> dict[str, Any]:
         """What ``from_pretrained(..., quantization_config=SignLockConfig(dequantize=False))`` changes in a
-        checkpoint's config: the form of the loaded modules. Everything else comes from the checkpoint."""
-        return {} if self.dequantize is None else {"dequantize": self.dequantize}
+        checkpoint's config: the form of the loaded modules, and where its base model is found (``base_model`` with
+        its ``base_revision``). Everything else comes from the checkpoint."""
+        attributes = {} if self.dequantize is None else {"dequantize": self.dequantize}
+        if self.base_model is not None:  # both: a local copy given for a Hub base has no revision
+            attributes.update(base_model=self.base_model, base_revision=self.base_revision)
+        return attributes

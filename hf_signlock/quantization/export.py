@@ -1,8 +1,9 @@
 """``export_run``: a trained model folder -> a SignLock checkpoint folder (model, tokenizer, ``bpw.json``).
 
-The seed, sign source and targets come from the run's ``signlock_stats.json``; a folder without one (any dense or
-Hub model) is exported with ``packed`` signs, 1 bit each, and says so. With ``refine_steps`` the codec tables are
-trained on the run's own training text, every sign fixed (``refine.py``).
+The seed, sign source and targets come from the run's ``signlock_stats.json``: a run fine-tuned from a pretrained
+model stores its signs as flips against that base model's (``sign_source="base"``); a folder without one (any dense
+or Hub model) is exported with ``packed`` signs, 1 bit each, and says so, unless ``base_model`` names its base.
+With ``refine_steps`` the codec tables are trained on the run's own training text, every sign fixed (``refine.py``).
 """
 
 from __future__ import annotations
@@ -18,41 +19,67 @@ from ..constants import STATS_NAME, TRAINING_STATS_NAME
 from ..errors import SignLockConfigError
 from ..targets import find_target_modules
 from .bits import write_bits_report
+from .calibration import CalibrationArguments, calibration_windows, collect_hessians
+from .codecs import make_codec
 from .config import SignLockConfig
 from .quantize import quantize_model
 
 logger = logging.get_logger(__name__)
 REFINE_LOSSES = ("lm", "teacher")
+MIN_SIGNMAG_BITS = 2.0  # magnitude bits a weight from which the default codec is signmag
 
 
 def signs_of_run(run_dir: str | os.PathLike, model=None) -> dict:
-    """Seed and sign source of a training run, from its ``signlock_stats.json``; ``packed`` signs (with the reason)
-    when the run was not trained from our seeded init. Given the run's ``model``, targets that are the default ones
-    come back as None: the checkpoint's config then names no modules (a list costs about 40 bytes a layer)."""
+    """Seed and sign source of a training run, from its ``signlock_stats.json``: a run fine-tuned from a pretrained
+    model (captured signs) stores its signs against that model's (``base``, with ``base_model``); ``packed`` signs
+    (with the reason) when the run was not trained from our seeded init and names no starting model. Given the
+    run's ``model``, targets that are the default ones come back as None: the checkpoint's config then names no
+    modules (a list costs about 40 bytes a layer)."""
     path = Path(run_dir, STATS_NAME)
     if not path.exists():
         return {"sign_source": "packed", "why": f"{path} is missing: not a SignLockTrainer run"}
     stats = json.loads(path.read_text())
-    if stats.get("reference_mode") != "seed":
-        return {"sign_source": "packed", "why": "the run fine-tuned from captured signs, not from a seeded init"}
+    if stats.get("reference_mode") not in ("seed", "captured"):
+        return {"sign_source": "packed", "why": "the run records no reference mode"}
+    if stats["reference_mode"] == "captured" and not stats.get("model_name_or_path"):
+        return {"sign_source": "packed", "why": "the run fine-tuned from captured signs and does not record the model "
+                "it started from (pass base_model to store its signs against that model's)"}
     modules = [name.removesuffix(".weight") for name in stats.get("target_modules", [])]
     if model is not None and modules == list(find_target_modules(model)):
         modules = None
+    if stats["reference_mode"] == "captured":  # the starting signs are the pretrained model's own
+        return {"sign_source": "base", "base_model": stats["model_name_or_path"], "target_modules": modules or None}
     return {"sign_source": stats.get("sign_source", "seed"), "seed": stats["seed"],
             "template_rank": stats.get("template_rank", 8), "target_modules": modules or None}
 
 
-def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: str = "vq",
+def default_codec(bits_per_weight: float | None, sign_source: str) -> str:
+    """The codec an export uses when none is named: ``signmag`` (calibrated scalar levels) where the budget leaves
+    the magnitudes 2 bits a weight or more once packed signs are paid, ``vq`` (codebooks over groups) below that,
+    where scalar codes cannot go (sub-bit magnitudes)."""
+    if bits_per_weight is None:
+        return "vq"
+    sign_bits = 1.0 if sign_source == "packed" else 0.0  # flips against a seed or base: a small fraction of a bit
+    return "signmag" if bits_per_weight - sign_bits >= MIN_SIGNMAG_BITS else "vq"
+
+
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: str | None = None,
                codec_params: dict | None = None, bits_per_weight: float | None = None, sign_source: str | None = None,
                dequantize: bool | None = None, refine_steps: int = 0, refine_learning_rate: float = 3e-3,
-               refine_loss: str = "lm", dtype: str | None = None, data_args=None) -> dict:
+               refine_loss: str = "lm", dtype: str | None = None, data_args=None, base_model: str | None = None,
+               base_revision: str | None = None, calibration: CalibrationArguments | None = None) -> dict:
     """Compress a trained model folder into ``out_dir`` (model, tokenizer, ``bpw.json``); returns the bits report.
 
     The arguments are ``SignLockConfig``'s (``bits_per_weight`` None: the codec's default budget, 1.0 for vq) and
     refinement's (``refine_steps`` of AdamW at ``refine_learning_rate`` on the LM loss, or with
     ``refine_loss="teacher"`` on the KL divergence from the dense model). ``dtype`` ("bfloat16", "float16",
     "float32") is the dtype of the tensors that stay dense (embeddings, head, norms, biases) and of the codec's
-    input; None keeps the run's own."""
+    input; None keeps the run's own. ``codec`` None: ``default_codec``. A codec that uses calibration (``signmag``)
+    gets each layer's input Hessian from ``calibration`` (default ``CalibrationArguments()``: 64 windows of 256
+    tokens from the run's training text, else the built-in corpus; ``samples=0`` turns it off).
+    ``base_model`` (a folder, Hub id or sign pack, at ``base_revision``) stores the signs as flips against that
+    model's (``sign_source="base"``, the default then); a run fine-tuned from a pretrained model (captured signs)
+    does so against the model it records having started from."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if refine_loss not in REFINE_LOSSES:
@@ -62,14 +89,23 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: st
     load_dtype = "auto" if dtype is None else dtype
     model = AutoModelForCausalLM.from_pretrained(run_dir, dtype=load_dtype)
     signs = signs_of_run(run_dir, model)
-    if signs["sign_source"] == "packed" and sign_source is None:
+    if signs["sign_source"] == "packed" and sign_source is None and base_model is None:
         logger.warning(f"Exporting {run_dir} with packed signs (1 bit per weight): {signs['why']}.")
     config = SignLockConfig(
-        seed=signs.get("seed"), sign_source=sign_source or signs["sign_source"],
-        template_rank=signs.get("template_rank", 8), target_modules=signs.get("target_modules"), codec=codec,
+        seed=signs.get("seed"), sign_source=sign_source or ("base" if base_model else signs["sign_source"]),
+        template_rank=signs.get("template_rank", 8), target_modules=signs.get("target_modules"),
+        codec=codec or default_codec(bits_per_weight, sign_source or ("base" if base_model else signs["sign_source"])),
         codec_params=codec_params, bits_per_weight=bits_per_weight, dequantize=dequantize,
+        base_model=base_model or signs.get("base_model"), base_revision=base_revision,
     )
-    quantize_model(model, config)
+    hessians = None
+    if make_codec(config.codec, config.codec_params).calibrated:
+        calibration = calibration or CalibrationArguments()
+        if calibration.samples:
+            windows = calibration_windows(AutoTokenizer.from_pretrained(run_dir), calibration, run_dir)
+            hessians = collect_hessians(model, windows, find_target_modules(model, config.target_modules),
+                                        calibration.batch_size)
+    quantize_model(model, config, hessians)
     refinement = None
     if refine_steps > 0:
         teacher = AutoModelForCausalLM.from_pretrained(run_dir, dtype=load_dtype) if refine_loss == "teacher" else None
@@ -81,7 +117,10 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: st
         logger.warning(f"{run_dir} has no tokenizer; exporting the model alone.")
     if Path(run_dir, STATS_NAME).exists():  # the card and `evaluate` read the training run's figures from here
         shutil.copy(Path(run_dir, STATS_NAME), Path(out_dir, TRAINING_STATS_NAME))
-    return write_bits_report(out_dir, {"refinement": refinement} if refinement else None)
+    extra = {"refinement": refinement} if refinement else {}
+    if hessians is not None:
+        extra["calibration"] = calibration.describe()
+    return write_bits_report(out_dir, extra or None)
 
 
 def _refine_on_run_data(model, run_dir, steps: int, learning_rate: float, data_args=None, teacher=None) -> dict:

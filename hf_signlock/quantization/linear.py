@@ -23,6 +23,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import CorruptCheckpointError
 from ..signs import pack_signs, reference_signs, seeded_sign_bits
+from .base_signs import base_layer_bits
 from .codecs import make_codec
 from .flip_coding import decode_flips, flip_count
 from .payload import bits_digest, payload_digest, payload_layout
@@ -157,6 +158,8 @@ class SignLockLinear(nn.Module):
         flips = decode_flips(stream, numel) if stream else ()  # small: decoded on the host; empty: no flips
         if self.config.sign_source == "seed":
             bits = seeded_sign_bits(self.config.seed, self.param_name, numel, device=device)
+        elif self.config.sign_source == "base":  # a copy: the base's bits are shared by every user of that base
+            bits = base_layer_bits(self.config, self.param_name, self.shape).to(device, copy=True)
         else:
             bits = pack_signs(reference_signs(self.config.seed, self.param_name, self.shape, self.config.sign_source,
                                               self.config.template_rank, device=device))
@@ -181,6 +184,11 @@ class SignLockLinear(nn.Module):
                 "(corrupted or truncated file, or a tensor from another checkpoint)"
             )
         sign_bits = self.packed_signs()
+        if bits_digest(sign_bits) != self.record["sign_checksum"] and self.config.sign_source == "base":
+            raise CorruptCheckpointError(
+                f"{self.param_name}: the decoded signs do not match the checksum recorded at export; the base model "
+                f"{self.config.base_model!r} does not give the signs the fine-tune was exported against"
+            )
         if bits_digest(sign_bits) != self.record["sign_checksum"]:
             raise CorruptCheckpointError(
                 f"{self.param_name}: the decoded signs do not match the checksum recorded at export; the seed "

@@ -1,11 +1,12 @@
 """``quantize_model``: replace a model's target layers by ``SignLockLinear`` modules, as a ``SignLockConfig`` says.
 
-Signs first: the trained weight's sign (zero counts as +1) is stored as the flips against the seeded reference (or
-as packed bits), and their cost sets each layer's magnitude budget, together with its bias and its share of the
-checkpoint's SignLock overhead (estimated from above, so the written checkpoint stays within the budget). Then the
-codec plans every layer's parameters at once (a shared codebook is fitted over all layers) and each layer is
-encoded and swapped in. The config becomes ``model.config.quantization_config``, so ``save_pretrained`` /
-``push_to_hub`` write a checkpoint that ``from_pretrained`` loads back.
+Signs first: the trained weight's sign (zero counts as +1) is stored as the flips against the seeded reference or
+the base model's signs (``base_signs.py``), or as packed bits, and their cost sets each layer's magnitude budget,
+together with its bias and its share of the checkpoint's SignLock overhead (estimated from above, so the written
+checkpoint stays within the budget). Then the codec plans every layer's parameters at once (a shared codebook is
+fitted over all layers) and each layer is encoded and swapped in. The config becomes
+``model.config.quantization_config``, so ``save_pretrained`` / ``push_to_hub`` write a checkpoint that
+``from_pretrained`` loads back.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from torch import nn
 from transformers.utils import logging
 
 from ..errors import BudgetError, SignLockConfigError
-from ..signs import pack_signs, reference_signs
+from ..signs import pack_signs, reference_signs, unpack_signs
 from ..targets import find_target_modules
+from .base_signs import base_layer_bits, check_base_signs
 from .bits import header_entry_bytes, signlock_overhead_bytes
 from .codecs import make_codec
 from .config import SignLockConfig
 from .flip_coding import encode_flips
-from .linear import SignLockLinear, link_shared_tables
+from .linear import SignLockLinear, layout_of, link_shared_tables
 from .payload import CHECKSUM_BYTES, payload_digest, sign_digest
 from .records import encoded_size
 
@@ -42,7 +44,10 @@ def _sign_tensors(param_name: str, weight: torch.Tensor, config: SignLockConfig)
     signs = torch.where(weight >= 0, 1, -1).to(torch.int8)
     if config.sign_source == "packed":
         return {"sign_bits": pack_signs(signs)}, {"flip_bytes": 0, "flips": None, "sign_checksum": sign_digest(signs)}
-    reference = reference_signs(config.seed, param_name, weight.shape, config.sign_source, config.template_rank)
+    if config.sign_source == "base":  # the base's signs, read and checked once per export (quantize_model)
+        reference = unpack_signs(base_layer_bits(config, param_name, tuple(weight.shape)), weight.shape)
+    else:
+        reference = reference_signs(config.seed, param_name, weight.shape, config.sign_source, config.template_rank)
     positions = flip_positions(signs, reference)
     blob = encode_flips(positions, weight.numel()) if len(positions) else b""  # no flips: no stream at all
     stream = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.empty(0, dtype=torch.uint8)
@@ -103,8 +108,10 @@ def check_budget_is_possible(targets: dict[str, nn.Module], config: SignLockConf
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, config: SignLockConfig) -> nn.Module:
-    """Compress the target layers of ``model`` in place; returns the model."""
+def quantize_model(model: nn.Module, config: SignLockConfig, hessians: dict[str, torch.Tensor] | None = None
+                   ) -> nn.Module:
+    """Compress the target layers of ``model`` in place; returns the model. ``hessians`` (``param_name -> H``,
+    from ``calibration.collect_hessians``) let a calibrated codec (``signmag``) code with error feedback."""
     config.check_seed()
     targets = find_target_modules(model, config.target_modules)
     check_budget_is_possible(targets, config)
@@ -114,6 +121,8 @@ def quantize_model(model: nn.Module, config: SignLockConfig) -> nn.Module:
                                   "cast the model to one dtype (model.to(torch.float32)) before quantizing it.")
     config.dtype = str(dtypes.pop()).removeprefix("torch.")
     weights = {f"{name}.weight": module.weight.detach().cpu() for name, module in targets.items()}
+    if config.sign_source == "base":  # same targets and shapes as the base; its checksum goes into the config
+        check_base_signs(config, {name: tuple(weight.shape) for name, weight in weights.items()}, exporting=True)
     progress = logging.tqdm(total=2 * len(weights), desc="SignLock: signs and codes", unit="layer")
     signs = {}
     for name, weight in weights.items():
@@ -136,8 +145,11 @@ def quantize_model(model: nn.Module, config: SignLockConfig) -> nn.Module:
             yield name
             progress.update()
 
-    encoded = codec.encode_all({name: (lambda w=weight: w.abs()) for name, weight in weights.items()}, plan,
-                               progress=encoded_one_by_one)
+    if hessians is not None and codec.calibrated:
+        encoded = _encode_calibrated(codec, weights, modules, plan, hessians, encoded_one_by_one)
+    else:
+        encoded = codec.encode_all({name: (lambda w=weight: w.abs()) for name, weight in weights.items()}, plan,
+                                   progress=encoded_one_by_one)
     progress.close()
     records, layers = {}, []
     for (module_name, module), (param_name, weight) in zip(targets.items(), weights.items()):
@@ -157,12 +169,33 @@ def quantize_model(model: nn.Module, config: SignLockConfig) -> nn.Module:
     return model
 
 
+def _encode_calibrated(codec, weights: dict, modules: dict, plan: dict, hessians: dict, progress) -> dict:
+    """Encode every layer with its input Hessian, its signs held (zero counts as +1, as the stored signs)."""
+    encoded, skipped = {}, []
+    for name in progress(plan):
+        weight = weights[name]
+        hessian = hessians.get(name) if layout_of(modules[name]) == "linear" else None
+        if hessian is None:  # groups run along the stored rows' last dim: a Conv1D's outputs, not its inputs
+            skipped.append(name)
+        encoded[name] = codec.encode_with_hessian(weight, torch.where(weight >= 0, 1.0, -1.0), hessian, plan[name])
+    if skipped:
+        logger.warning(f"{len(skipped)} layers were coded without calibration (Conv1D layers, or no Hessian "
+                       f"collected), e.g. {skipped[0]}.")
+    return encoded
+
+
 def _warn_if_not_seeded(signs: dict, weights: dict, config: SignLockConfig) -> None:
     if config.sign_source == "packed":
         return
     flips = sum(record["flips"] for _, record in signs.values())
     rate = flips / sum(weight.numel() for weight in weights.values())
-    if rate > _HIGH_FLIP_RATE:
+    if rate > _HIGH_FLIP_RATE and config.sign_source == "base":
+        logger.warning(
+            f"{rate:.1%} of the target weights disagree with the signs of the base model {config.base_model!r}: this "
+            "model was not fine-tuned from it, and its coded flips cost about as much as packed signs. Name the model "
+            "it started from as base_model, or use sign_source='packed'."
+        )
+    elif rate > _HIGH_FLIP_RATE:
         logger.warning(
             f"{rate:.1%} of the target weights disagree with the signs of seed {config.seed}: this model was not "
             "trained from that seed, and its coded flips cost about as much as packed signs. Use the run's "

@@ -1,7 +1,8 @@
 """The transformers quantizer for ``quant_method: signlock`` (transformers 5 loading flow).
 
 Loading a SignLock checkpoint: the model is built on the meta device, ``SignLockLinear`` modules replace the target
-layers (shapes from the architecture, codec parameters from the layer records), the checkpoint's safetensors headers
+layers (shapes from the architecture, codec parameters from the layer records), the signs of the base model of a
+``sign_source="base"`` checkpoint are read and checked against its checksum, the checkpoint's safetensors headers
 are checked for every layer's tensors, the standard loader fills them by name, and after loading every layer is
 verified (checksums of the stored bytes and of the decoded signs) and, unless ``dequantize=False``, swapped for a
 dense ``nn.Linear`` / ``Conv1D`` in the dtype the model was loaded in.
@@ -24,6 +25,7 @@ from transformers.quantizers.base import HfQuantizer
 from ..constants import QUANT_METHOD
 from ..errors import CorruptCheckpointError, SignLockConfigError, SignLockError
 from ..targets import find_target_modules
+from .base_signs import check_base_signs
 from .guard import guard_tensors
 from .linear import SignLockLinear, link_shared_tables
 from .quantize import check_budget_is_possible, quantize_model
@@ -113,6 +115,8 @@ class SignLockHfQuantizer(HfQuantizer):
             check_budget_is_possible(targets, config)
             return model
         records = config.layer_records([f"{name}.weight" for name in targets])
+        if config.sign_source == "base":  # the base is found, of this architecture, with the signs exported against
+            check_base_signs(config, {f"{name}.weight": tuple(module.weight.shape) for name, module in targets.items()})
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
             re.escape(key) + "$" for key in guard_tensors(next(iter(records)))
         }

@@ -60,7 +60,10 @@ class SignLockTrainingArguments(TrainingArguments):
     )
     init_std: float | None = field(
         default=None,
-        metadata={"help": "Override the init std of every target (default: read from the model's _init_weights)."},
+        metadata={
+            "help": "Override the init std of every target (default: read from the model's _init_weights). In a "
+            "captured run it also replaces the starting RMS as sigma, the unit of drift_margin and near_zero_band."
+        },
     )
     # --- outward-drift regulariser --------------------------------------------------------------------------------
     drift_lambda: float = field(
@@ -72,7 +75,13 @@ class SignLockTrainingArguments(TrainingArguments):
     )
     drift_margin: float = field(
         default=1.0,
-        metadata={"help": "Margin d of R = mean relu(d * sigma - s0 * w), in units of each layer's init std."},
+        metadata={
+            "help": "Margin d of R = mean relu(d * sigma_l - s0 * w), in units of each layer's sigma_l: its init std "
+            "with reference_mode='seed'; with 'captured', the RMS of the layer's starting (pretrained) weights, "
+            "since the config's initializer_range says nothing about them. The hinge acts on the weights with "
+            "s0 * w < d * sigma_l (share at the start in signlock_stats.json: margin_share_at_start; SmolLM2-135M: "
+            "4.4% at d=0.05, 8.8% at 0.1, 22% at 0.25, 41% at 0.5, 71% at 1). Fine-tuning wants a small d."
+        },
     )
     # --- tracking ---------------------------------------------------------------------------------------------------
     flip_tracking_steps: int = field(
@@ -81,7 +90,7 @@ class SignLockTrainingArguments(TrainingArguments):
     )
     near_zero_band: float = field(
         default=0.1,
-        metadata={"help": "`near_zero_fraction` counts target weights with |w| < band * init std."},
+        metadata={"help": "`near_zero_fraction` counts target weights with |w| < band * sigma_l (see drift_margin)."},
     )
     save_initial_model: bool = field(
         default=False, metadata={"help": "Write the step-0 model to `output_dir/initial/`."}

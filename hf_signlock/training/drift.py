@@ -1,5 +1,10 @@
 """The outward-drift regulariser ``R = mean_w relu(d * sigma_l - s0 * w)`` over all target weights.
 
+``sigma_l`` is ``SignReference.sigma`` of the weight's layer: its init std in seeded runs, the RMS of its starting
+weights in captured runs (fine-tuning), so that ``d`` means the same fraction of a layer's typical magnitude either
+way. The hinge acts on the weights whose signed margin ``s0 * w`` is below ``d * sigma_l``; ``margin_share`` says how
+many those are.
+
 Its gradient, ``-s0 / N`` wherever the signed margin ``s0 * w`` is below ``d * sigma_l``, pushes weights that drifted
 toward zero back out along their reference sign. The custom autograd function recomputes that mask in backward
 instead of keeping a weight-sized activation alive between forward and backward: the term costs a few elementwise
@@ -11,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .reference import SignReference
-from .sharding import local_part
+from .sharding import all_reduce_sum, local_part
 
 
 class _MarginHingeSum(torch.autograd.Function):
@@ -38,14 +43,30 @@ class _MarginHingeSum(torch.autograd.Function):
 
 
 def outward_drift(reference: SignReference, margin: float) -> torch.Tensor:
-    """R for the targets of ``reference``; ``margin`` is d, in units of each layer's init std.
+    """R for the targets of ``reference``; ``margin`` is d, in units of each layer's ``reference.sigma``.
 
     Under FSDP each process gets the share of R from the rows it holds (they sum to R over the processes), and
     its gradient lands on those rows directly, exact without any averaging.
     """
     targets = reference.targets
     parts = [local_part(t.name, t.param) for t in targets]
-    thresholds = tuple(margin * t.init_std for t in targets)
+    thresholds = tuple(margin * reference.sigma(t) for t in targets)
     signs = tuple(reference.signs(t, part) for t, part in zip(targets, parts))
     total = _MarginHingeSum.apply(thresholds, signs, *(part.tensor for part in parts))
     return total / sum(t.param.numel() for t in targets)
+
+
+@torch.no_grad()
+def margin_share(reference: SignReference, margin: float) -> float:
+    """The share of the target weights inside the margin now (``s0 * w < d * sigma_l``): those the hinge pushes."""
+    counts, sharded = [], False
+    for t in reference.targets:
+        part = local_part(t.name, t.param)
+        sharded = sharded or part.sharded
+        counts.append((reference.signs(t, part) * part.tensor.detach() < margin * reference.sigma(t)).sum())
+    if not counts:
+        return 0.0
+    inside = torch.stack(counts).sum()
+    if sharded:  # FSDP row shards: each process counted its own rows
+        inside = all_reduce_sum(inside)
+    return inside.item() / sum(t.param.numel() for t in reference.targets)

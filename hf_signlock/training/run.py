@@ -29,8 +29,8 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "Start from this pretrained model (local folder or Hub id); use with reference_mode='captured'. "
-            "Unset: build `architecture` from scratch."
+            "help": "Start from this pretrained model (local folder, '~' expanded, or Hub id); use with "
+            "reference_mode='captured'. Unset: build `architecture` from scratch."
         },
     )
     tokenizer_name_or_path: str | None = field(
@@ -45,6 +45,13 @@ class ModelArguments:
     num_key_value_heads: int | None = field(default=None, metadata={"help": "From scratch: KV heads (GQA)."})
     intermediate_size: int | None = field(default=None, metadata={"help": "From scratch: MLP width."})
     initializer_range: float = field(default=0.02, metadata={"help": "From scratch: init std of the model."})
+
+    def __post_init__(self):
+        # A recipe names a local folder portably as ~/...; from_pretrained would take "~" literally.
+        for name in ("model_name_or_path", "tokenizer_name_or_path"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(self, name, str(Path(value).expanduser()))
 
 
 

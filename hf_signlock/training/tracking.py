@@ -1,7 +1,8 @@
 """Flip tracking: the effective flip rate and each weight's crossing count, observed every k optimizer steps.
 
 A weight agrees with its reference when ``s0 * w > 0`` (zero counts as flipped). A crossing is a change of that
-agreement between two consecutive observations; counts saturate at 255 (uint8, 1 byte per weight). Sign lock-in
+agreement between two consecutive observations; counts saturate at 255 (uint8, 1 byte per weight). The near-zero
+band is in units of each layer's ``SignReference.sigma`` (init std, or the starting RMS in captured runs). Sign lock-in
 theory predicts a geometric tail for the crossing counts: ``P(N >= k+1 | N >= k)`` roughly constant below 1.
 """
 
@@ -58,7 +59,7 @@ class FlipTracker:
             self.sharded = part.sharded
             weight = part.tensor.detach()
             agree = self.reference.signs(target, part) * weight > 0
-            near_zero = (weight.abs() < self.near_zero_band * target.init_std).sum()
+            near_zero = (weight.abs() < self.near_zero_band * self.reference.sigma(target)).sum()
             found = torch.stack([agree.numel() - agree.sum(), near_zero])
             counts = found if counts is None else counts + found
             previous = self._local_state(target.name, part)

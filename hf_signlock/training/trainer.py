@@ -3,7 +3,8 @@
 Read top to bottom: ``__init__`` initialises the targets and builds their reference signs; ``compute_loss`` adds
 ``lambda * R``; a callback observes the signs every ``flip_tracking_steps``; ``log`` adds ``drift_loss``,
 ``flip_rate`` and ``near_zero_fraction``; checkpoints carry the tracking state; ``train`` ends by writing
-``signlock_stats.json``.
+``signlock_stats.json``, which records each layer's sigma (the unit of the drift margin) and the share of the target
+weights inside the margin at the start.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import math
 import os
 import platform
+import statistics
 from importlib import metadata
 
 import torch
@@ -26,7 +28,7 @@ from ..errors import NonFiniteLossError, SignLockConfigError
 from ..signs import reference_signs
 from ..targets import find_target_modules
 from .arguments import SignLockTrainingArguments
-from .drift import outward_drift
+from .drift import margin_share, outward_drift
 from .gap_init import apply_gap_init
 from .init_distribution import resolve_targets
 from .reference import SignReference
@@ -161,7 +163,9 @@ class SignLockTrainer(Trainer):
         if seeded:
             self.reference = SignReference.from_seed(targets, args.sign_seed, args.sign_source, args.template_rank)
         else:
-            self.reference = SignReference.capture(targets)
+            # A pretrained model's sigma is its starting weights' RMS, unless `init_std` states one on purpose.
+            self.reference = SignReference.capture(targets, scale_from_weights=args.init_std is None)
+        self.margin_share_at_start = margin_share(self.reference, args.drift_margin)
         self.tracker = FlipTracker(self.reference, args.near_zero_band)
         self.add_callback(_FlipTrackingCallback(self.tracker, args.flip_tracking_steps, expect_seeded=seeded))
         if self.pop_callback(ProgressCallback) is not None:
@@ -240,6 +244,8 @@ class SignLockTrainer(Trainer):
             "last_step": json.dumps(self.tracker.last_step),
             "last": json.dumps(self.tracker.last),
         }
+        if self.reference.scales:  # the starting RMS: a resumed run must keep the start's, not the checkpoint's
+            meta["sigma"] = json.dumps(self.reference.scales)
         save_file(tensors, os.path.join(folder, STATE_NAME), metadata=meta)
 
     def load_signlock_state(self, folder: str) -> None:
@@ -261,6 +267,8 @@ class SignLockTrainer(Trainer):
             )
         state = load_file(path)
         self.reference.load_state_dict(state)
+        if "sigma" in meta and self.reference.scales:
+            self.reference.scales.update(json.loads(meta["sigma"]))
         missing = [t.name for t in self.reference.targets if f"agree.{t.name}" not in state]
         if missing:
             raise SignLockConfigError(
@@ -295,6 +303,14 @@ class SignLockTrainer(Trainer):
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(folder)
 
+    def sigma_summary(self) -> dict:
+        """Each target's sigma_l (the unit of ``drift_margin`` and ``near_zero_band``), where it comes from, and its
+        range: ``source`` is "init_std" (seeded runs, or an explicit ``init_std``) or "start_rms" (captured runs)."""
+        per_target = {t.name: self.reference.sigma(t) for t in self.reference.targets}
+        values = list(per_target.values())
+        return {"source": self.reference.sigma_source, "min": min(values), "median": statistics.median(values),
+                "max": max(values), "per_target": per_target}
+
     def write_stats(self, path: str | None = None) -> dict:
         """Evaluate (if there is an eval set) and write ``signlock_stats.json``; returns what was written."""
         eval_loss = None
@@ -307,11 +323,15 @@ class SignLockTrainer(Trainer):
             "eval_perplexity": math.exp(eval_loss) if eval_loss is not None else None,
             "seed": args.sign_seed,
             "reference_mode": args.reference_mode,
+            # the model from_pretrained started from: a fine-tune's export stores its signs against that one's
+            "model_name_or_path": getattr(getattr(self.model, "config", None), "_name_or_path", None) or None,
             "sign_source": args.sign_source,
             "template_rank": args.template_rank,
             "gap": args.gap,
             "drift_lambda": args.drift_lambda,
             "drift_margin": args.drift_margin,
+            "drift_sigma": self.sigma_summary(),
+            "margin_share_at_start": self.margin_share_at_start,
             "flip_tracking_steps": args.flip_tracking_steps,
             "target_modules": [t.name for t in self.reference.targets],
             "global_step": self.state.global_step,

@@ -1,4 +1,5 @@
-"""Magnitude codecs, one per module: ``exact`` (lossless), ``scale`` (rank 1), ``lowrank`` (rank r), ``vq``."""
+"""Magnitude codecs, one per module: ``exact`` (lossless), ``scale`` (rank 1), ``lowrank`` (rank r), ``vq``
+(codebooks over groups, for sub-bit budgets), ``signmag`` (grouped scalar levels, calibrated: 2 bits and up)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from .base import FLOOR, FixedSizeCodec, MagnitudeCodec
 from .exact import ExactCodec
 from .lowrank import LowRankCodec
 from .scale import ScaleCodec
+from .signmag import SignMagnitudeCodec
 from .vq import VectorCodec
 
-CODECS = {codec.name: codec for codec in (ExactCodec, ScaleCodec, LowRankCodec, VectorCodec)}
+CODECS = {codec.name: codec for codec in (ExactCodec, ScaleCodec, LowRankCodec, VectorCodec, SignMagnitudeCodec)}
 DEFAULT_CODEC = "vq"
 
 
@@ -21,4 +23,4 @@ def make_codec(name: str, params: dict | None = None) -> MagnitudeCodec:
 
 
 __all__ = ["CODECS", "DEFAULT_CODEC", "FLOOR", "ExactCodec", "FixedSizeCodec", "LowRankCodec", "MagnitudeCodec",
-           "ScaleCodec", "VectorCodec", "make_codec"]
+           "ScaleCodec", "SignMagnitudeCodec", "VectorCodec", "make_codec"]

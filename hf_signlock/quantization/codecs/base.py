@@ -26,6 +26,7 @@ class MagnitudeCodec:
     allowed: tuple[str, ...] = ()  # parameters a user may give in codec_params
     stored_params: tuple[str, ...] = ()  # parameters a layer's record stores, as non-negative integers
     floor: float | None = FLOOR  # None: the codec stores signed values (the signed-VQ baseline in bench/)
+    calibrated = False  # whether encode_with_hessian uses the Hessian (quantize_model collects none otherwise)
 
     def __init__(self, **params):
         unknown = sorted(set(params) - set(self.allowed))
@@ -66,6 +67,12 @@ class MagnitudeCodec:
 
     def encode(self, magnitude: torch.Tensor, params: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def encode_with_hessian(self, weight: torch.Tensor, signs: torch.Tensor, hessian: torch.Tensor | None,
+                            params: dict) -> dict[str, torch.Tensor]:
+        """Encode the signed ``weight`` (rows x cols, cols its inputs) whose ``signs`` (+1/-1) are stored, given the
+        layer's input Hessian; codecs that use no calibration encode ``|weight|``."""
+        return self.encode(weight.abs(), params)
 
     def encode_all(self, magnitudes: dict, plan: dict[str, dict], progress=iter) -> dict[str, dict[str, torch.Tensor]]:
         """Encode every layer; ``magnitudes`` maps names to callables returning the matrix (made one at a time).

@@ -72,7 +72,7 @@ class Perplexity(evaluate.Metric):
         from hf_signlock.errors import SignLockConfigError
         from hf_signlock.evaluation.loading import load_causal_lm
         from hf_signlock.evaluation.perplexity import default_window, model_context, sliding_window_perplexity
-        from hf_signlock.evaluation.text import tokenize_text
+        from hf_signlock.text import tokenize_text
 
         if (model is None) == (model_id is None):
             raise SignLockConfigError("perplexity: pass exactly one of `model` (a loaded model) and `model_id`.")

@@ -1,4 +1,5 @@
-"""The text an evaluation scores: the DATASET argument of ``hf-signlock eval`` resolved to one stream of token ids.
+"""Text from any source as one stream of token ids: the DATASET of ``hf-signlock eval``, and the calibration text of
+an export (``quantization/calibration.py``).
 
 DATASET may be
 
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DataError
+from .errors import DataError
 
 DOCUMENT_SEPARATOR = "\n\n"
 TABLE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -121,7 +122,7 @@ def _hub_documents(name: str, config: str | None, split: str | None, text_column
     """Text of a ``datasets`` name (or the built-in corpus), and its description."""
     import datasets
 
-    from ..data import DEFAULT_DATASET, DataArguments, load_raw_datasets
+    from .data import DEFAULT_DATASET, DataArguments, load_raw_datasets
 
     label = name + (f"/{config}" if config else "")
     if name == DEFAULT_DATASET:  # built in: train/validation as training splits it (lines, kept with their breaks)
@@ -168,7 +169,7 @@ def _run_data_tokens(tokenizer, data_args, split: str | None) -> tuple[torch.Ten
     """The held-out (or ``split``) blocks of the run's data, end to end, and their description."""
     import datasets
 
-    from ..data import build_lm_datasets, describe_data, load_raw_datasets
+    from .data import build_lm_datasets, describe_data, load_raw_datasets
 
     chosen = split or "validation"
     if chosen not in ("validation", "train"):
@@ -192,7 +193,7 @@ def resolve_eval_text(tokenizer, dataset: str | os.PathLike | None = None, *, mo
     ``max_tokens`` keeps the first tokens. Raises :class:`DataError` naming ``--dataset``, ``--split`` or
     ``--text_column`` when the text cannot be found or read.
     """
-    from ..data import DataArguments, data_arguments_of
+    from .data import DataArguments, data_arguments_of
 
     if max_tokens is not None and max_tokens < 2:
         raise DataError(f"--max_tokens {max_tokens} is too small: perplexity needs at least 2 tokens.")

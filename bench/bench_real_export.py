@@ -1,0 +1,254 @@
+"""Compressing a real pretrained LM: SmolLM2-135M (and a fine-tune of it) at equal total bits, in one run.
+
+Methods, all on the 210 q/k/v/o/gate/up/down projections, all with the SAME calibration windows (64 x 256 tokens of
+the built-in corpus' training split, ``CalibrationArguments()``, the export's default) and the same Hessians:
+
+- ``rtn``: round-to-nearest, asymmetric b-bit min/max grid per group, fp16 scale + zero, clipping search
+  (``bench/baselines.py``); signs free.
+- ``gptq``: the same grid with GPTQ's error feedback (``bench/baselines.py``); signs free.
+- ``signlock packed``: ``hf-signlock export``'s path: 1-bit packed signs + the ``signmag`` codec, calibrated.
+- ``signlock base``: the fine-tune, its signs stored as flips against the base model's (``sign_source="base"``).
+
+Total bits per target weight: the baselines count their codes and fp16 tables (the group is the smallest that fits
+the budget, as ``signmag`` chooses its own); the SignLock rows are ``bpw.json`` of the written checkpoint: every
+byte counted (headers, records, levels, bias). Held-out text: the first ``--tokens`` tokens of the corpus'
+held-out split (never calibration text), sliding windows of 256 with stride 128. Perplexity of the SignLock rows
+is taken after ``from_pretrained`` of the written export (the round trip is part of the measurement).
+
+Also timed: the export itself through ``export_run`` (calibration + coding + save, and refinement when
+``--refine-steps``), and ``from_pretrained`` of the export against that of the dense folder (alternated, medians).
+
+    python bench/bench_real_export.py [--finetune runs/smollm2-ft] [--budgets 2.5,3.25,4.25]
+    # writes bench/results/real_export.{json,md,png}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from baselines import AsymmetricGrid, gptq, group_for, round_to_nearest
+from timing import paired_seconds
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging
+
+from hf_signlock import SignLockConfig, quantize_model
+from hf_signlock.evaluation.perplexity import sliding_window_perplexity
+from hf_signlock.text import resolve_eval_text
+from hf_signlock.quantization.bits import write_bits_report
+from hf_signlock.quantization.calibration import CalibrationArguments, calibration_windows, collect_hessians
+from hf_signlock.quantization.export import export_run
+from hf_signlock.targets import find_target_modules
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from get_smollm2 import smollm2_folder  # noqa: E402
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def perplexity(model, ids) -> float:
+    with torch.no_grad():
+        return sliding_window_perplexity(model, ids, window=256, stride=128)["perplexity"]
+
+
+def baseline_row(kind: str, folder, budget: float, hessians, ids) -> dict:
+    """RTN or GPTQ at ``budget`` bits a weight, on a fresh copy of the dense model."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    bits = math.floor(budget - 0.2)
+    grid = AsymmetricGrid(bits)
+    stored = weights = 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for name, module in logging.tqdm(find_target_modules(model).items(), desc=f"{kind} {budget}", unit="layer"):
+            weight = module.weight.float()
+            group = group_for(weight.shape[1], bits, budget)
+            if kind == "rtn":
+                quantized = round_to_nearest(weight, grid, group)
+            else:
+                quantized = gptq(weight, hessians[f"{name}.weight"], grid, group)
+            module.weight.copy_(quantized)
+            stored += weight.numel() * bits + 32 * weight.shape[0] * -(-weight.shape[1] // group)
+            weights += weight.numel()
+    seconds = time.perf_counter() - start
+    return {"method": kind, "budget": budget, "bpw": stored / weights, "perplexity": perplexity(model, ids),
+            "seconds": round(seconds, 1), "codes": f"{bits}-bit, asymmetric, per group"}
+
+
+def signlock_row(folder, budget: float, hessians, ids, out: Path) -> dict:
+    """Our codec through quantize_model with the shared Hessians, saved, counted and loaded back."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    start = time.perf_counter()
+    quantize_model(model, SignLockConfig(sign_source="packed", codec="signmag", bits_per_weight=budget), hessians)
+    seconds = time.perf_counter() - start
+    model.save_pretrained(out)
+    report = write_bits_report(out)
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    params = sorted({(r["codec_params"]["bits"], r["codec_params"]["group"])
+                     for r in loaded_records(model)})
+    return {"method": "signlock packed", "budget": budget, "bpw": report["bpw"], "perplexity": perplexity(loaded, ids),
+            "seconds": round(seconds, 1), "codes": ", ".join(f"{b}-bit g{g}" for b, g in params)}
+
+
+def loaded_records(model):
+    return [m.record for m in model.modules() if hasattr(m, "record") and hasattr(m, "codec_params")]
+
+
+def timed_export(run_dir, out: Path, budget: float, **kwargs) -> tuple[dict, float]:
+    start = time.perf_counter()
+    report = export_run(run_dir, out, bits_per_weight=budget, **kwargs)
+    return report, time.perf_counter() - start
+
+
+def load_ratio(export: Path, dense: Path, repeats: int) -> dict:
+    def load(folder):
+        return lambda: AutoModelForCausalLM.from_pretrained(folder)
+
+    dense_s, export_s, ratio = paired_seconds(load(dense), load(export), repeats)
+    return {"dense_s": round(dense_s, 2), "export_s": round(export_s, 2), "ratio": round(ratio, 2)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budgets", default="2.5,3.25,4.25")
+    parser.add_argument("--finetune", default=str(ROOT / "runs" / "smollm2-ft"),
+                        help="a captured fine-tune of SmolLM2 (recipes/finetune_smollm2.yaml); skipped if missing")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--refine-steps", type=int, default=0, help="also time an export refined for N steps")
+    parser.add_argument("--load-repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "real_export"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    logging.disable_progress_bar()
+    began = time.perf_counter()
+    folder = smollm2_folder()
+    budgets = [float(b) for b in args.budgets.split(",")]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    held_out = resolve_eval_text(tokenizer, None, model_source=str(folder), split="validation", max_tokens=args.tokens)
+    log(f"held-out: {held_out.description}")
+    dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    rows = [{"method": "dense", "budget": None, "bpw": 32.0, "perplexity": perplexity(dense, held_out.input_ids)}]
+    log(f"dense: {rows[0]['perplexity']:.3f}")
+    calibration = CalibrationArguments()
+    start = time.perf_counter()
+    windows = calibration_windows(tokenizer, calibration, folder)
+    hessians = collect_hessians(dense, windows, find_target_modules(dense))
+    hessian_s = time.perf_counter() - start
+    del dense
+    log(f"calibration: {tuple(windows.shape)} tokens, Hessians in {hessian_s:.0f} s")
+    work = Path(tempfile.mkdtemp(prefix="real_export_"))
+    for budget in budgets:
+        for kind in ("rtn", "gptq"):
+            rows.append(baseline_row(kind, folder, budget, hessians, held_out.input_ids))
+            log(f"  {rows[-1]}")
+        rows.append(signlock_row(folder, budget, hessians, held_out.input_ids, work / f"packed-{budget}"))
+        log(f"  {rows[-1]}")
+    del hessians
+
+    # The product's own path, timed end to end (calibration included), and its load time.
+    headline = 3.25 if 3.25 in budgets else budgets[0]
+    report, export_s = timed_export(folder, work / "export", headline)
+    timings = {"export_budget": headline, "export_s": round(export_s, 1), "export_bpw": report["bpw"],
+               "load": load_ratio(work / "export", Path(folder), args.load_repeats)}
+    log(f"export_run at {headline}: {export_s:.0f} s; load {timings['load']}")
+    if args.refine_steps:
+        report, refine_s = timed_export(folder, work / "refined", headline, refine_steps=args.refine_steps,
+                                        refine_loss="teacher")
+        refined = AutoModelForCausalLM.from_pretrained(work / "refined").eval()
+        rows.append({"method": f"signlock packed + refine {args.refine_steps}", "budget": headline,
+                     "bpw": report["bpw"], "perplexity": perplexity(refined, held_out.input_ids),
+                     "seconds": round(refine_s, 1)})
+        timings["refined_export_s"] = round(refine_s, 1)
+        log(f"  {rows[-1]}")
+
+    finetune = Path(args.finetune)
+    if (finetune / "config.json").exists():
+        tuned = AutoModelForCausalLM.from_pretrained(finetune, dtype=torch.float32).eval()
+        rows.append({"method": "fine-tune dense", "budget": None, "bpw": 32.0,
+                     "perplexity": perplexity(tuned, held_out.input_ids)})
+        del tuned
+        for sign_source, budget in (("packed", headline), ("base", round(headline - 0.95, 2))):
+            report, seconds = timed_export(finetune, work / f"ft-{sign_source}", budget, sign_source=sign_source)
+            loaded = AutoModelForCausalLM.from_pretrained(work / f"ft-{sign_source}").eval()
+            rows.append({"method": f"fine-tune signlock {sign_source}", "budget": budget, "bpw": report["bpw"],
+                         "perplexity": perplexity(loaded, held_out.input_ids), "seconds": round(seconds, 1),
+                         "sign_bits": report["total"]["sign_bits"] / report["total"]["weights"],
+                         "flips": report["total"].get("flips")})
+            log(f"  {rows[-1]}")
+        timings["finetune_base_load"] = load_ratio(work / "ft-base", finetune, args.load_repeats)
+    else:
+        log(f"no fine-tune at {finetune}: its rows are skipped")
+
+    dense_ppl = rows[0]["perplexity"]
+    for row in rows:
+        row["ratio"] = row["perplexity"] / dense_ppl
+    result = {"model": "SmolLM2-135M-Instruct (scripts/get_smollm2.py)", "held_out": held_out.description,
+              "calibration": {**calibration.describe(), "hessian_s": round(hessian_s, 1)}, "rows": rows,
+              "timings": timings, "threads": torch.get_num_threads(), "machine": platform.platform(),
+              "total_s": round(time.perf_counter() - began, 1)}
+    write(result, Path(args.out))
+
+
+def write(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    timings = result["timings"]
+    lines = ["# SmolLM2-135M at equal total bits: RTN, GPTQ and SignLock", "",
+             f"Held-out: {result['held_out']} (window 256, stride 128). Calibration, the same for every method: "
+             f"{result['calibration']['samples']} x {result['calibration']['sequence_length']} tokens of "
+             f"{result['calibration']['dataset']}, {result['calibration']['split']} split. bpw: total bits per "
+             "target weight (SignLock: every byte of the written checkpoint; baselines: codes and fp16 tables).", "",
+             "| method | budget | bpw | perplexity | x dense | codes | seconds |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['method']} | {r['budget'] or ''} | {r['bpw']:.3f} | {r['perplexity']:.2f} | "
+                     f"{r['ratio']:.3f} | {r.get('codes', '')} | {r.get('seconds', '')} |")
+    lines += ["", f"`export_run` of SmolLM2-135M at {timings['export_budget']} bpw (calibration, coding, save): "
+              f"{timings['export_s']} s on {result['threads']} threads"
+              + (f"; with refinement {timings['refined_export_s']} s" if "refined_export_s" in timings else "")
+              + f". `from_pretrained` of the export: {timings['load']['export_s']} s vs {timings['load']['dense_s']} s "
+              f"for the dense folder (x{timings['load']['ratio']}, median of paired ratios).", ""]
+    if "finetune_base_load" in timings:
+        lines.append(f"Fine-tune export with signs against the base: load x{timings['finetune_base_load']['ratio']} "
+                     "the dense fine-tune's.")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    plot(result, out.with_suffix(".png"))
+    print("\n".join(lines))
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    rows = result["rows"]
+    for method, marker in (("rtn", "s"), ("gptq", "^"), ("signlock packed", "o"), ("fine-tune signlock packed", "D"),
+                           ("fine-tune signlock base", "*")):
+        points = sorted((r["bpw"], r["perplexity"]) for r in rows if r["method"] == method)
+        if points:
+            ax.plot(*zip(*points), marker=marker, label=method)
+    for method, style in (("dense", "--"), ("fine-tune dense", ":")):
+        for r in rows:
+            if r["method"] == method:
+                ax.axhline(r["perplexity"], linestyle=style, color="grey", label=f"{method} (fp32)")
+    ax.set_xlabel("total bits per target weight")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_yscale("log")
+    ax.set_title("SmolLM2-135M: perplexity vs total bits")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
