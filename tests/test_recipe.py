@@ -31,6 +31,21 @@ def test_quickstart_and_baseline_differ_only_in_the_method():
     assert quick[2]["drift_lambda"] > 0 and base[2]["drift_lambda"] == 0 and base[2]["gap"] == 0
 
 
+def test_finetune_recipes_differ_only_in_the_drift():
+    def fields(path):
+        return [{f.name: getattr(a, f.name) for f in dataclasses.fields(a)} for a in parse_recipe(path)]
+
+    drift, plain = fields(RECIPES / "finetune_smollm2.yaml"), fields(RECIPES / "finetune_smollm2_nodrift.yaml")
+    differing = {k for d, p in zip(drift, plain) for k in d if d[k] != p[k]}
+    assert differing - {"logging_dir", "run_name"} == {"drift_lambda", "output_dir"}
+    model, data, training = drift
+    # The documented folder of scripts/get_smollm2.py, with "~" expanded (from_pretrained would not).
+    assert model["model_name_or_path"] == str(Path("~/.cache/hf_signlock/smollm2-135m").expanduser())
+    assert data["dataset_name"] == "shakespeare" and data["data_files"] is None  # the built-in corpus
+    assert training["reference_mode"] == "captured" and training["drift_lambda"] > 0 and plain[2]["drift_lambda"] == 0
+    assert (training["output_dir"], plain[2]["output_dir"]) == ("runs/smollm2-ft", "runs/smollm2-ft-nodrift")
+
+
 def test_quickstart_uses_the_recommended_defaults():
     from hf_signlock import SignLockTrainingArguments
 
