@@ -69,8 +69,9 @@ class SignLockTrainingArguments(TrainingArguments):
     drift_lambda: float = field(
         default=300.0,
         metadata={
-            "help": "lambda of loss = task + lambda * R. R is a mean over all target weights, so lambda must be "
-            "large (hundreds) for its gradient to matter beside the task's. 0 turns the regulariser off."
+            "help": "lambda of loss = task + lambda * R. R is a mean over all N target weights, so each weight inside "
+            "the margin is pushed with lambda / N: lambda must be large (hundreds for a small model; 1e5 for "
+            "SmolLM2-135M's 106M target weights) for that push to matter beside the task gradient. 0 turns it off."
         },
     )
     drift_margin: float = field(
