@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_signlock.quantization.codecs.signmag import CLIP_GRID
+from hf_signlock.quantization.codecs.signmag import CLIP_GRID, gptq_setup
 
 
 class AsymmetricGrid:
@@ -58,13 +58,8 @@ def round_to_nearest(weight: torch.Tensor, grid: AsymmetricGrid, group: int) -> 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: AsymmetricGrid, group: int, block: int = 128,
          damping: float = 0.01) -> torch.Tensor:
     """GPTQ with groups of ``group`` columns; returns the quantised weight."""
-    weight, hessian = weight.clone().float(), hessian.clone().float()
+    weight, _, inverse = gptq_setup(weight, hessian, damping)  # the codec's own preparation, the same for both
     cols = weight.shape[1]
-    dead = torch.diag(hessian) == 0
-    hessian[dead, dead] = 1
-    weight[:, dead] = 0
-    hessian.diagonal().add_(damping * torch.mean(torch.diag(hessian)))
-    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
     out = torch.zeros_like(weight)
     block = group * max(1, block // group)  # whole groups per block: a group's grid is fitted inside one block
     for start in range(0, cols, block):

@@ -91,10 +91,11 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: st
     signs = signs_of_run(run_dir, model)
     if signs["sign_source"] == "packed" and sign_source is None and base_model is None:
         logger.warning(f"Exporting {run_dir} with packed signs (1 bit per weight): {signs['why']}.")
+    sign_source = sign_source or ("base" if base_model else signs["sign_source"])
     config = SignLockConfig(
-        seed=signs.get("seed"), sign_source=sign_source or ("base" if base_model else signs["sign_source"]),
+        seed=signs.get("seed"), sign_source=sign_source,
         template_rank=signs.get("template_rank", 8), target_modules=signs.get("target_modules"),
-        codec=codec or default_codec(bits_per_weight, sign_source or ("base" if base_model else signs["sign_source"])),
+        codec=codec or default_codec(bits_per_weight, sign_source),
         codec_params=codec_params, bits_per_weight=bits_per_weight, dequantize=dequantize,
         base_model=base_model or signs.get("base_model"), base_revision=base_revision,
     )

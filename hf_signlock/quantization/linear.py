@@ -184,16 +184,15 @@ class SignLockLinear(nn.Module):
                 "(corrupted or truncated file, or a tensor from another checkpoint)"
             )
         sign_bits = self.packed_signs()
-        if bits_digest(sign_bits) != self.record["sign_checksum"] and self.config.sign_source == "base":
-            raise CorruptCheckpointError(
-                f"{self.param_name}: the decoded signs do not match the checksum recorded at export; the base model "
-                f"{self.config.base_model!r} does not give the signs the fine-tune was exported against"
-            )
         if bits_digest(sign_bits) != self.record["sign_checksum"]:
+            if self.config.sign_source == "base":
+                cause = (f"the base model {self.config.base_model!r} does not give the signs the fine-tune was "
+                         "exported against")
+            else:
+                cause = (f"the seed ({self.config.seed}) or sign source ({self.config.sign_source!r}) is not the one "
+                         "the model was trained with")
             raise CorruptCheckpointError(
-                f"{self.param_name}: the decoded signs do not match the checksum recorded at export; the seed "
-                f"({self.config.seed}) or sign source ({self.config.sign_source!r}) is not the one the model was "
-                "trained with"
+                f"{self.param_name}: the decoded signs do not match the checksum recorded at export; {cause}"
             )
         return sign_bits
 

@@ -35,7 +35,7 @@ GROUP_STEP = 8  # groups tried when the budget chooses: multiples of 8 columns (
 _LEVEL_SAMPLE = 400_000  # magnitudes the levels are fitted on, at most (seeded)
 _LLOYD_ITERATIONS = 25
 _GPTQ_BLOCK = 128  # columns whose error is pushed on lazily, in one matrix product (GPTQ's lazy batch)
-_DAMPING = 0.01  # of the Hessian's mean diagonal, added to it: GPTQ's damping
+DAMPING = 0.01  # of the Hessian's mean diagonal, added to it: GPTQ's damping
 
 
 class SignMagnitudeCodec(MagnitudeCodec):
@@ -115,7 +115,7 @@ class SignMagnitudeCodec(MagnitudeCodec):
         bits, group = params["bits"], params["group"]
         levels = fit_levels(weight * signs, group, 1 << bits)
         if hessian is None:
-            codes, scales = _round_groups(weight, signs, levels, group, None)
+            codes, scales = _round_groups(weight, signs, levels, group)
         else:
             codes, scales = _gptq(weight, signs, hessian.float(), levels, group)
         return {"codes": pack_uint(codes, bits), "scales": scales.to(torch.float16), "levels": levels.to(torch.float16)}
@@ -192,14 +192,25 @@ def _fit_scales(magnitude: torch.Tensor, levels: torch.Tensor, importance: torch
     return best_scale
 
 
-def _round_groups(weight, signs, levels, group, importance):
+def _round_groups(weight, signs, levels, group):
     """Codes and scales by rounding every group to its nearest levels (no error feedback)."""
     rows, cols = weight.shape
     magnitude = _grouped((weight * signs).clamp(min=0), group)
-    weights = None if importance is None else _grouped(importance[None, :], group)
-    scales = _fit_scales(magnitude, levels, weights)
+    scales = _fit_scales(magnitude, levels, None)
     codes = _nearest(magnitude / scales[..., None], levels).reshape(rows, -1)[:, :cols]
     return codes, scales
+
+
+def gptq_setup(weight: torch.Tensor, hessian: torch.Tensor, damping: float = DAMPING):
+    """GPTQ's preparation: a copy of ``weight`` with the columns of never-active inputs zeroed, the Hessian's
+    diagonal (those inputs counted as 1), and the upper Cholesky factor of the damped Hessian's inverse."""
+    weight, hessian = weight.clone().float(), hessian.clone().float()
+    dead = torch.diag(hessian) == 0  # inputs that were always zero: their weights do not matter
+    hessian[dead, dead] = 1
+    weight[:, dead] = 0
+    importance = torch.diag(hessian).clone()
+    hessian.diagonal().add_(damping * torch.mean(torch.diag(hessian)))
+    return weight, importance, torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
 
 
 @torch.no_grad()
@@ -207,14 +218,7 @@ def _gptq(weight, signs, hessian, levels, group):
     """Sign-constrained GPTQ: codes column by column, each column's error pushed onto the rest through the Cholesky
     factor of the inverse Hessian; a group's scale is fitted when the group starts, on the error-updated weights."""
     rows, cols = weight.shape
-    weight = weight.clone()
-    hessian = hessian.clone()
-    dead = torch.diag(hessian) == 0  # inputs that were always zero: their weights do not matter
-    hessian[dead, dead] = 1
-    weight[:, dead] = 0
-    importance = torch.diag(hessian).clone()
-    hessian.diagonal().add_(_DAMPING * torch.mean(torch.diag(hessian)))
-    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    weight, importance, inverse = gptq_setup(weight, hessian)
     codes = torch.zeros(rows, cols, dtype=torch.int64)
     scales = torch.zeros(rows, math.ceil(cols / group))
     block = group * max(1, _GPTQ_BLOCK // group)  # a whole number of groups: a group is fitted inside one block
