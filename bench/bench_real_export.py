@@ -110,11 +110,26 @@ def timed_export(run_dir, out: Path, budget: float, **kwargs) -> tuple[dict, flo
 
 
 def load_ratio(export: Path, dense: Path, repeats: int) -> dict:
-    def load(folder):
-        return lambda: AutoModelForCausalLM.from_pretrained(folder)
+    """``from_pretrained`` of the export vs the dense folder (alternated), three ways: the default load (dense
+    modules: every layer checked and decoded), the same followed by one forward pass of 128 tokens (the dense
+    folder is memory-mapped, so its weights are only read when first used: this counts that), and the export kept
+    compressed (``dequantize=False``: checked, decoded in each forward)."""
+    prompt = torch.randint(0, 1000, (1, 128), generator=torch.Generator().manual_seed(0))
 
-    dense_s, export_s, ratio = paired_seconds(load(dense), load(export), repeats)
-    return {"dense_s": round(dense_s, 2), "export_s": round(export_s, 2), "ratio": round(ratio, 2)}
+    def load(folder, forward=False, **kwargs):
+        def run():
+            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+            if forward:
+                with torch.no_grad():
+                    model(prompt)
+        return run
+
+    result = {}
+    for key, forward, kwargs in (("load", False, {}), ("load_and_forward", True, {}),
+                                 ("load_compressed", False, {"quantization_config": SignLockConfig(dequantize=False)})):
+        dense_s, export_s, ratio = paired_seconds(load(dense, forward), load(export, forward, **kwargs), repeats)
+        result[key] = {"dense_s": round(dense_s, 3), "export_s": round(export_s, 3), "ratio": round(ratio, 2)}
+    return result
 
 
 def main(argv=None):
@@ -124,7 +139,7 @@ def main(argv=None):
                         help="a captured fine-tune of SmolLM2 (recipes/finetune_smollm2.yaml); skipped if missing")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--refine-steps", type=int, default=0, help="also time an export refined for N steps")
-    parser.add_argument("--load-repeats", type=int, default=3)
+    parser.add_argument("--load-repeats", type=int, default=7)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "real_export"))
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
@@ -214,11 +229,15 @@ def write(result: dict, out: Path) -> None:
     lines += ["", f"`export_run` of SmolLM2-135M at {timings['export_budget']} bpw (calibration, coding, save): "
               f"{timings['export_s']} s on {result['threads']} threads"
               + (f"; with refinement {timings['refined_export_s']} s" if "refined_export_s" in timings else "")
-              + f". `from_pretrained` of the export: {timings['load']['export_s']} s vs {timings['load']['dense_s']} s "
-              f"for the dense folder (x{timings['load']['ratio']}, median of paired ratios).", ""]
-    if "finetune_base_load" in timings:
-        lines.append(f"Fine-tune export with signs against the base: load x{timings['finetune_base_load']['ratio']} "
-                     "the dense fine-tune's.")
+              + ".", "", "Loading, export vs dense folder (median seconds of alternated loads, median of the "
+              "paired ratios):", "", "| export | load | export s | dense s | x dense |", "|---|---|---|---|---|"]
+    for export, key in (("SmolLM2-135M packed", "load"), ("fine-tune, signs against the base", "finetune_base_load")):
+        for kind, label in (("load", "`from_pretrained`"), ("load_and_forward", "`from_pretrained` + one forward"),
+                            ("load_compressed", "`from_pretrained(..., dequantize=False)`")):
+            if key in timings:
+                t = timings[key][kind]
+                lines.append(f"| {export} | {label} | {t['export_s']} | {t['dense_s']} | {t['ratio']} |")
+    lines.append("")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(result, out.with_suffix(".png"))
     print("\n".join(lines))

@@ -11,12 +11,10 @@ use (about a second, then cached on disk).
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import torch
 
-from . import available
+from . import output
 
 _kernels = None
 
@@ -70,16 +68,7 @@ def _compile():
                 for q in range(cols - c):
                     out[r, c + q] = max(codebook[code, q] * scale, floor) * sign_of(sign_bits, first + c + q)
 
-    @numba.njit(parallel=True, cache=True, nogil=True)
-    def to_bf16(bits, out):
-        """Round to nearest even, as torch casts float32 to bfloat16 (``out``: uint16 bits)."""
-        rows, cols = bits.shape
-        for r in numba.prange(rows):
-            for c in range(cols):
-                b = bits[r, c]
-                out[r, c] = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-
-    return weights, to_bf16
+    return weights
 
 
 def vq_decode(codes: torch.Tensor, width: int, group: int, codebook: torch.Tensor, row_scale: torch.Tensor,
@@ -93,29 +82,7 @@ def vq_decode(codes: torch.Tensor, width: int, group: int, codebook: torch.Tenso
     codebook = codebook.float().contiguous().numpy()
     scale = row_scale.float().expand(rows).contiguous().numpy()
     bits = sign_bits.numpy()
-    weights, to_bf16 = _kernels
-    bf16 = dtype == torch.bfloat16
-    weight = _scratch(rows * cols).reshape(rows, cols) if bf16 else np.empty((rows, cols), dtype=np.float32)
-    weights(codes, width, group, codebook, scale, bits, np.float32(floor), weight)
-    if not bf16:
-        return torch.from_numpy(weight)
-    out = np.empty((rows, cols), dtype=np.uint16)
-    to_bf16(weight.view(np.uint32), out)
-    return torch.from_numpy(out).view(torch.bfloat16)
-
-
-_local = threading.local()
-
-
-def _scratch(size: int) -> np.ndarray:
-    """A float32 buffer kept per thread: bf16 loads decode layer after layer through it instead of faulting in a
-    fresh one per layer."""
-    buffer = getattr(_local, "buffer", None)
-    if buffer is None or buffer.size < size:
-        buffer = _local.buffer = np.empty(size, dtype=np.float32)
-    return buffer[:size]
-
-
-def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the fused kernel can decode these tensors: numba is there, all on the CPU, none needs gradients."""
-    return available() and all(t.device.type == "cpu" and not t.requires_grad for t in tensors)
+    target = output.kernel_dtype(dtype)
+    weight = output.float32_target(rows, cols, target)
+    _kernels(codes, width, group, codebook, scale, bits, np.float32(floor), weight)
+    return output.finish(weight, target).to(dtype)

@@ -174,8 +174,8 @@ class SignLockLinear(nn.Module):
         mask.index_add_(0, positions >> 3, (1 << (positions & 7)).to(torch.int32))
         return bits ^ mask.to(torch.uint8)
 
-    def verify(self) -> torch.Tensor:
-        """Check the stored bytes and the decoded signs; returns the signs, bit-packed."""
+    def check_payload(self) -> None:
+        """Check that the payload was loaded and that its bytes are those written at export."""
         if self.payload.device.type == "meta":
             raise CorruptCheckpointError(f"{self.param_name}: the checkpoint has no `payload` tensor for this layer")
         if payload_digest(self.payload) != self.record["stored_checksum"]:
@@ -183,8 +183,15 @@ class SignLockLinear(nn.Module):
                 f"{self.param_name}: the stored payload does not match the checksum recorded at export "
                 "(corrupted or truncated file, or a tensor from another checkpoint)"
             )
+
+    def verify(self, payload_checked: bool = False) -> torch.Tensor:
+        """Check the stored bytes (unless ``payload_checked``) and the decoded signs; returns the signs, bit-packed.
+        Packed signs are payload bytes, so the payload's checksum covers them; signs rebuilt from a seed or a base
+        are checked against their own."""
+        if not payload_checked:
+            self.check_payload()
         sign_bits = self.packed_signs()
-        if bits_digest(sign_bits) != self.record["sign_checksum"]:
+        if self.config.sign_source != "packed" and bits_digest(sign_bits) != self.record["sign_checksum"]:
             if self.config.sign_source == "base":
                 cause = (f"the base model {self.config.base_model!r} does not give the signs the fine-tune was "
                          "exported against")

@@ -24,6 +24,8 @@ import torch
 from transformers.utils import logging
 
 from ...errors import BudgetError, CorruptCheckpointError, SignLockConfigError
+from ...kernels import output as kernel_output
+from ...kernels import signmag as signmag_kernel
 from ..bitpack import pack_uint, packed_bytes, unpack_uint
 from .base import BF16_BITS, MagnitudeCodec
 
@@ -127,6 +129,14 @@ class SignMagnitudeCodec(MagnitudeCodec):
         codes = unpack_uint(stored["codes"], params["bits"], rows * cols).view(rows, cols)
         scale = stored["scales"].float().repeat_interleave(params["group"], dim=1)[:, :cols]
         return self._floored(stored["levels"].float()[codes] * scale)
+
+    def decode_signed(self, stored, shape, params, sign_bits, dtype):
+        if self.floor is None or not kernel_output.usable(sign_bits, *stored.values()):
+            return super().decode_signed(stored, shape, params, sign_bits, dtype)
+        if stored["levels"].numel() != 1 << params["bits"]:
+            raise ValueError("the signmag levels do not have the count its parameters give")
+        return signmag_kernel.signmag_decode(stored["codes"], params["bits"], params["group"], stored["levels"],
+                                             stored["scales"], sign_bits, shape, self.floor, dtype)
 
     def stored_specs(self, shape, dtype, params):
         rows, cols = shape

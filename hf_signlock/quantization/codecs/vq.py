@@ -15,6 +15,7 @@ import torch
 from transformers.utils import logging
 
 from ...errors import BudgetError, CorruptCheckpointError, SignLockConfigError
+from ...kernels import output as kernel_output
 from ...kernels import vq as vq_kernel
 from ..bitpack import pack_uint, packed_bytes, unpack_uint
 from .base import BF16_BITS, FLOOR, MagnitudeCodec
@@ -196,14 +197,12 @@ class VectorCodec(MagnitudeCodec):
         return self._floored(flat.view(shape) * self._row_scale(stored)[:, None])
 
     def decode_signed(self, stored, shape, params, sign_bits, dtype):
-        if self.floor is None or not vq_kernel.usable(sign_bits, *stored.values()):
+        if self.floor is None or not kernel_output.usable(sign_bits, *stored.values()):
             return super().decode_signed(stored, shape, params, sign_bits, dtype)
         if stored["codebook"].shape != ((1 << params["bits"]), params["group"]):
             raise ValueError("the vq codebook does not have the shape its parameters give")
-        kernel_dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32  # fp16: cast after
-        weight = vq_kernel.vq_decode(stored["codes"], params["bits"], params["group"], stored["codebook"],
-                                     self._row_scale(stored), sign_bits, shape, self.floor, kernel_dtype)
-        return weight.to(dtype)
+        return vq_kernel.vq_decode(stored["codes"], params["bits"], params["group"], stored["codebook"],
+                                   self._row_scale(stored), sign_bits, shape, self.floor, dtype)
 
     def stored_specs(self, shape, dtype, params):
         groups = math.ceil(shape[0] * shape[1] / params["group"])
