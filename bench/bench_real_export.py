@@ -41,15 +41,15 @@ from transformers.utils import logging
 
 from hf_signlock import SignLockConfig, quantize_model
 from hf_signlock.evaluation.perplexity import sliding_window_perplexity
-from hf_signlock.text import resolve_eval_text
 from hf_signlock.quantization.bits import write_bits_report
 from hf_signlock.quantization.calibration import CalibrationArguments, calibration_windows, collect_hessians
 from hf_signlock.quantization.export import export_run
 from hf_signlock.targets import find_target_modules
+from hf_signlock.text import resolve_eval_text
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from get_smollm2 import smollm2_folder  # noqa: E402
+from get_smollm2 import smollm2_folder
 
 
 def log(message: str) -> None:
@@ -218,10 +218,10 @@ def write(result: dict, out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     timings = result["timings"]
     lines = ["# SmolLM2-135M at equal total bits: RTN, GPTQ and SignLock", "",
-             f"Held-out: {result['held_out']} (window 256, stride 128). Calibration, the same for every method: "
+             (f"Held-out: {result['held_out']} (window 256, stride 128). Calibration, the same for every method: "
              f"{result['calibration']['samples']} x {result['calibration']['sequence_length']} tokens of "
              f"{result['calibration']['dataset']}, {result['calibration']['split']} split. bpw: total bits per "
-             "target weight (SignLock: every byte of the written checkpoint; baselines: codes and fp16 tables).", "",
+             "target weight (SignLock: every byte of the written checkpoint; baselines: codes and fp16 tables)."), "",
              "| method | budget | bpw | perplexity | x dense | codes | seconds |", "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['method']} | {r['budget'] or ''} | {r['bpw']:.3f} | {r['perplexity']:.2f} | "
@@ -229,8 +229,8 @@ def write(result: dict, out: Path) -> None:
     lines += ["", f"`export_run` of SmolLM2-135M at {timings['export_budget']} bpw (calibration, coding, save): "
               f"{timings['export_s']} s on {result['threads']} threads"
               + (f"; with refinement {timings['refined_export_s']} s" if "refined_export_s" in timings else "")
-              + ".", "", "Loading, export vs dense folder (median seconds of alternated loads, median of the "
-              "paired ratios):", "", "| export | load | export s | dense s | x dense |", "|---|---|---|---|---|"]
+              + ".", "", ("Loading, export vs dense folder (median seconds of alternated loads, median of the "
+              "paired ratios):"), "", "| export | load | export s | dense s | x dense |", "|---|---|---|---|---|"]
     for export, key in (("SmolLM2-135M packed", "load"), ("fine-tune, signs against the base", "finetune_base_load")):
         for kind, label in (("load", "`from_pretrained`"), ("load_and_forward", "`from_pretrained` + one forward"),
                             ("load_compressed", "`from_pretrained(..., dequantize=False)`")):

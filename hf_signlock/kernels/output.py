@@ -33,6 +33,19 @@ def _compile():
     return to_bf16
 
 
+def decode(kernel, shape: tuple[int, int], dtype: torch.dtype, *inputs) -> torch.Tensor:
+    """``kernel(*inputs, out)`` into a fresh float32 ``shape`` array, returned as a tensor of ``dtype``."""
+    target = kernel_dtype(dtype)
+    weight = float32_target(*shape, target)
+    kernel(*inputs, weight)
+    return finish(weight, target).to(dtype)
+
+
+def padded_codes(codes: torch.Tensor, spare: int) -> np.ndarray:
+    """The code bytes with ``spare`` zero bytes after them, so a kernel may read whole words past the last code."""
+    return np.concatenate([codes.numpy(), np.zeros(spare, np.uint8)])
+
+
 def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a kernel decodes to: float32 or bfloat16 as asked, float32 for anything else (cast after)."""
     return dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32

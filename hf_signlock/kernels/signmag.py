@@ -21,39 +21,67 @@ _kernel = None
 def _compile():
     import numba
 
+    # Module globals, not closure cells: numba cannot cache a kernel that closes over other jitted functions.
+    global fill_table, row_by_eights, row_by_ones
+
+    @numba.njit(inline="always")
+    def fill_table(levels, scale, floor, table):  # index 2 * code + sign bit -> that signed value
+        for code in range(levels.shape[0]):
+            value = max(levels[code] * scale, floor)
+            table[2 * code], table[2 * code + 1] = -value, value
+
+    @numba.njit(inline="always")
+    def row_by_eights(width, codes, group, levels, scales, sign_bits, floor, out, r, table):
+        """Row r, 8 weights a step (columns and group multiples of 8): one sign byte, one read of 8 codes."""
+        cols = out.shape[1]
+        mask = (1 << width) - 1
+        first = r * cols
+        for g in range(scales.shape[1]):
+            fill_table(levels, scales[r, g], floor, table)
+            for c in range(g * group, min(g * group + group, cols), 8):
+                k = first + c
+                signs = np.int64(sign_bits[k >> 3])
+                byte = (k * width) >> 3
+                word = np.int64(0)
+                for b in range(width):
+                    word |= np.int64(codes[byte + b]) << (8 * b)
+                for b in range(8):
+                    out[r, c + b] = table[(((word >> (b * width)) & mask) << 1) | ((signs >> b) & 1)]
+
+    @numba.njit(inline="always")
+    def row_by_ones(width, codes, group, levels, scales, sign_bits, floor, out, r, table):
+        """Row r, any shape: each weight's code and sign read on their own."""
+        cols = out.shape[1]
+        mask = (1 << width) - 1
+        first = r * cols
+        for g in range(scales.shape[1]):
+            fill_table(levels, scales[r, g], floor, table)
+            for c in range(g * group, min(g * group + group, cols)):
+                k = first + c
+                offset = k * width
+                pair = np.int64(codes[offset >> 3]) | (np.int64(codes[(offset >> 3) + 1]) << 8)
+                code = (pair >> (offset & 7)) & mask
+                out[r, c] = table[(code << 1) | ((sign_bits[k >> 3] >> (k & 7)) & 1)]
+
     @numba.njit(parallel=True, cache=True, nogil=True)
     def weights(codes, width, group, levels, scales, sign_bits, floor, out):
         """out[r, c] = sign * max(levels[code] * scales[r, c // group], floor), float32; codes LSB-first, eight
-        spare bytes after them."""
+        spare bytes after them. The common widths get their own copy of the row loop (the width a constant there:
+        about half the time of the general one)."""
         rows, cols = out.shape
-        count = levels.shape[0]
-        mask = (1 << width) - 1
-        aligned = cols % 8 == 0 and group % 8 == 0  # then every run of 8 weights shares a sign byte and a group
+        by_eights = cols % 8 == 0 and group % 8 == 0
         for r in numba.prange(rows):
-            table = np.empty(2 * count, dtype=np.float32)  # the group's signed values: index 2 * code + sign bit
-            first = r * cols
-            for g in range(scales.shape[1]):
-                for code in range(count):
-                    value = max(levels[code] * scales[r, g], floor)
-                    table[2 * code], table[2 * code + 1] = -value, value
-                start, stop = g * group, min(g * group + group, cols)
-                if aligned:  # 8 weights a step: one sign byte, 8 * width code bits read as one word
-                    for c in range(start, stop, 8):
-                        k = first + c
-                        signs = np.int64(sign_bits[k >> 3])
-                        byte = (k * width) >> 3
-                        word = np.int64(0)
-                        for b in range(width):
-                            word |= np.int64(codes[byte + b]) << (8 * b)
-                        for b in range(8):
-                            out[r, c + b] = table[(((word >> (b * width)) & mask) << 1) | ((signs >> b) & 1)]
-                else:
-                    for c in range(start, stop):
-                        k = first + c
-                        offset = k * width
-                        pair = np.int64(codes[offset >> 3]) | (np.int64(codes[(offset >> 3) + 1]) << 8)
-                        code = (pair >> (offset & 7)) & mask
-                        out[r, c] = table[(code << 1) | ((sign_bits[k >> 3] >> (k & 7)) & 1)]
+            table = np.empty(2 * levels.shape[0], dtype=np.float32)
+            if not by_eights:
+                row_by_ones(width, codes, group, levels, scales, sign_bits, floor, out, r, table)
+            elif width == 2:
+                row_by_eights(2, codes, group, levels, scales, sign_bits, floor, out, r, table)
+            elif width == 3:
+                row_by_eights(3, codes, group, levels, scales, sign_bits, floor, out, r, table)
+            elif width == 4:
+                row_by_eights(4, codes, group, levels, scales, sign_bits, floor, out, r, table)
+            else:
+                row_by_eights(width, codes, group, levels, scales, sign_bits, floor, out, r, table)
 
     return weights
 
@@ -64,10 +92,6 @@ def signmag_decode(codes: torch.Tensor, width: int, group: int, levels: torch.Te
     global _kernel
     if _kernel is None:
         _kernel = _compile()
-    rows, cols = shape
-    codes = np.concatenate([codes.numpy(), np.zeros(8, np.uint8)])
-    target = output.kernel_dtype(dtype)
-    weight = output.float32_target(rows, cols, target)
-    _kernel(codes, width, group, levels.float().contiguous().numpy(), scales.float().contiguous().numpy(),
-            sign_bits.numpy(), np.float32(floor), weight)
-    return output.finish(weight, target).to(dtype)
+    return output.decode(_kernel, shape, dtype, output.padded_codes(codes, 8), width, group,
+                         levels.float().contiguous().numpy(), scales.float().contiguous().numpy(), sign_bits.numpy(),
+                         np.float32(floor))

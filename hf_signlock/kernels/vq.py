@@ -77,12 +77,7 @@ def vq_decode(codes: torch.Tensor, width: int, group: int, codebook: torch.Tenso
     global _kernels
     if _kernels is None:
         _kernels = _compile()
-    rows, cols = shape
-    codes = np.concatenate([codes.numpy(), np.zeros(1, np.uint8)])
     codebook = codebook.float().contiguous().numpy()
-    scale = row_scale.float().expand(rows).contiguous().numpy()
-    bits = sign_bits.numpy()
-    target = output.kernel_dtype(dtype)
-    weight = output.float32_target(rows, cols, target)
-    _kernels(codes, width, group, codebook, scale, bits, np.float32(floor), weight)
-    return output.finish(weight, target).to(dtype)
+    scale = row_scale.float().expand(shape[0]).contiguous().numpy()
+    return output.decode(_kernels, shape, dtype, output.padded_codes(codes, 1), width, group, codebook, scale,
+                         sign_bits.numpy(), np.float32(floor))
