@@ -256,6 +256,9 @@ def plot(result: dict, path: Path) -> None:
         points = sorted((r["bpw"], r["perplexity"]) for r in rows if r["method"] == method)
         if points:
             ax.plot(*zip(*points), marker=marker, label=method)
+    for r in rows:
+        if r["method"].startswith("signlock packed + refine"):
+            ax.plot([r["bpw"]], [r["perplexity"]], marker="P", linestyle="none", label=r["method"])
     for method, style in (("dense", "--"), ("fine-tune dense", ":")):
         for r in rows:
             if r["method"] == method:
