@@ -34,43 +34,29 @@ def _compile():
 
 
 def decode(kernel, shape: tuple[int, int], dtype: torch.dtype, *inputs) -> torch.Tensor:
-    """``kernel(*inputs, out)`` into a fresh float32 ``shape`` array, returned as a tensor of ``dtype``."""
-    target = kernel_dtype(dtype)
-    weight = float32_target(*shape, target)
+    """``kernel(*inputs, out)`` into a float32 ``shape`` array, returned as a tensor of ``dtype``: float32 and
+    bfloat16 directly (bf16 through the scratch buffer and the rounding pass), anything else cast after."""
+    global _to_bf16
+    rows, cols = shape
+    if dtype != torch.bfloat16:
+        weight = np.empty((rows, cols), dtype=np.float32)
+        kernel(*inputs, weight)
+        return torch.from_numpy(weight).to(dtype)
+    buffer = getattr(_local, "buffer", None)
+    if buffer is None or buffer.size < rows * cols:
+        buffer = _local.buffer = np.empty(rows * cols, dtype=np.float32)
+    weight = buffer[:rows * cols].reshape(rows, cols)
     kernel(*inputs, weight)
-    return finish(weight, target).to(dtype)
+    if _to_bf16 is None:
+        _to_bf16 = _compile()
+    out = np.empty((rows, cols), dtype=np.uint16)
+    _to_bf16(weight.view(np.uint32), out)
+    return torch.from_numpy(out).view(torch.bfloat16)
 
 
 def padded_codes(codes: torch.Tensor, spare: int) -> np.ndarray:
     """The code bytes with ``spare`` zero bytes after them, so a kernel may read whole words past the last code."""
     return np.concatenate([codes.numpy(), np.zeros(spare, np.uint8)])
-
-
-def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a kernel decodes to: float32 or bfloat16 as asked, float32 for anything else (cast after)."""
-    return dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
-
-
-def float32_target(rows: int, cols: int, dtype: torch.dtype) -> np.ndarray:
-    """Where a kernel writes its float32 weights: the returned tensor's own memory for float32, scratch for bf16."""
-    if dtype != torch.bfloat16:
-        return np.empty((rows, cols), dtype=np.float32)
-    buffer = getattr(_local, "buffer", None)
-    if buffer is None or buffer.size < rows * cols:
-        buffer = _local.buffer = np.empty(rows * cols, dtype=np.float32)
-    return buffer[:rows * cols].reshape(rows, cols)
-
-
-def finish(weight: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """The kernel's float32 ``weight`` as a tensor of ``dtype`` (float32 or bfloat16)."""
-    global _to_bf16
-    if dtype != torch.bfloat16:
-        return torch.from_numpy(weight)
-    if _to_bf16 is None:
-        _to_bf16 = _compile()
-    out = np.empty(weight.shape, dtype=np.uint16)
-    _to_bf16(weight.view(np.uint32), out)
-    return torch.from_numpy(out).view(torch.bfloat16)
 
 
 def compiled() -> list:

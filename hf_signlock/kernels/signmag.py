@@ -4,8 +4,9 @@ Written by hand for the same reason as ``vq.py``: with torch ops the codes are u
 tensors (about seven walks over the layer, most of a SmolLM2 load), then gathered, scaled, signed and cast. Here
 each row's groups are walked once: a group's ``2 * 2**bits`` signed values are computed once, and every weight is
 one table read (code and sign bit as the index), written once; where columns and groups are multiples of 8, eight
-weights share one sign byte and one read of their code bits. The arithmetic is the torch path's exactly (float32 product of level and
-scale, clamp to the floor, times the +-1 sign), and ``tests/test_decode_kernel.py`` holds the two equal bit for bit.
+weights share one sign byte and one read of their code bits. The arithmetic is the torch path's exactly (float32
+product of level and scale, clamp to the floor, times the +-1 sign), and ``tests/test_decode_kernel.py`` holds the
+two equal bit for bit.
 """
 
 from __future__ import annotations
@@ -21,47 +22,38 @@ _kernel = None
 def _compile():
     import numba
 
-    # Module globals, not closure cells: numba cannot cache a kernel that closes over other jitted functions.
-    global fill_table, row_by_eights, row_by_ones
+    # A module global, not a closure cell: numba cannot cache a kernel that closes over another jitted function.
+    global decode_row
 
     @numba.njit(inline="always")
-    def fill_table(levels, scale, floor, table):  # index 2 * code + sign bit -> that signed value
-        for code in range(levels.shape[0]):
-            value = max(levels[code] * scale, floor)
-            table[2 * code], table[2 * code + 1] = -value, value
-
-    @numba.njit(inline="always")
-    def row_by_eights(width, codes, group, levels, scales, sign_bits, floor, out, r, table):
-        """Row r, 8 weights a step (columns and group multiples of 8): one sign byte, one read of 8 codes."""
+    def decode_row(width, by_eights, codes, group, levels, scales, sign_bits, floor, out, r, table):
+        """Row r. ``by_eights`` (columns and group multiples of 8): 8 weights a step, from one sign byte and one
+        read of their codes; else each weight's code and sign read on their own."""
         cols = out.shape[1]
         mask = (1 << width) - 1
         first = r * cols
         for g in range(scales.shape[1]):
-            fill_table(levels, scales[r, g], floor, table)
-            for c in range(g * group, min(g * group + group, cols), 8):
-                k = first + c
-                signs = np.int64(sign_bits[k >> 3])
-                byte = (k * width) >> 3
-                word = np.int64(0)
-                for b in range(width):
-                    word |= np.int64(codes[byte + b]) << (8 * b)
-                for b in range(8):
-                    out[r, c + b] = table[(((word >> (b * width)) & mask) << 1) | ((signs >> b) & 1)]
-
-    @numba.njit(inline="always")
-    def row_by_ones(width, codes, group, levels, scales, sign_bits, floor, out, r, table):
-        """Row r, any shape: each weight's code and sign read on their own."""
-        cols = out.shape[1]
-        mask = (1 << width) - 1
-        first = r * cols
-        for g in range(scales.shape[1]):
-            fill_table(levels, scales[r, g], floor, table)
-            for c in range(g * group, min(g * group + group, cols)):
-                k = first + c
-                offset = k * width
-                pair = np.int64(codes[offset >> 3]) | (np.int64(codes[(offset >> 3) + 1]) << 8)
-                code = (pair >> (offset & 7)) & mask
-                out[r, c] = table[(code << 1) | ((sign_bits[k >> 3] >> (k & 7)) & 1)]
+            for code in range(levels.shape[0]):  # index 2 * code + sign bit -> that signed value
+                value = max(levels[code] * scales[r, g], floor)
+                table[2 * code], table[2 * code + 1] = -value, value
+            start, stop = g * group, min(g * group + group, cols)
+            if by_eights:
+                for c in range(start, stop, 8):
+                    k = first + c
+                    signs = np.int64(sign_bits[k >> 3])
+                    byte = (k * width) >> 3
+                    word = np.int64(0)
+                    for b in range(width):
+                        word |= np.int64(codes[byte + b]) << (8 * b)
+                    for b in range(8):
+                        out[r, c + b] = table[(((word >> (b * width)) & mask) << 1) | ((signs >> b) & 1)]
+            else:
+                for c in range(start, stop):
+                    k = first + c
+                    offset = k * width
+                    pair = np.int64(codes[offset >> 3]) | (np.int64(codes[(offset >> 3) + 1]) << 8)
+                    code = (pair >> (offset & 7)) & mask
+                    out[r, c] = table[(code << 1) | ((sign_bits[k >> 3] >> (k & 7)) & 1)]
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def weights(codes, width, group, levels, scales, sign_bits, floor, out):
@@ -73,15 +65,15 @@ def _compile():
         for r in numba.prange(rows):
             table = np.empty(2 * levels.shape[0], dtype=np.float32)
             if not by_eights:
-                row_by_ones(width, codes, group, levels, scales, sign_bits, floor, out, r, table)
+                decode_row(width, False, codes, group, levels, scales, sign_bits, floor, out, r, table)
             elif width == 2:
-                row_by_eights(2, codes, group, levels, scales, sign_bits, floor, out, r, table)
+                decode_row(2, True, codes, group, levels, scales, sign_bits, floor, out, r, table)
             elif width == 3:
-                row_by_eights(3, codes, group, levels, scales, sign_bits, floor, out, r, table)
+                decode_row(3, True, codes, group, levels, scales, sign_bits, floor, out, r, table)
             elif width == 4:
-                row_by_eights(4, codes, group, levels, scales, sign_bits, floor, out, r, table)
+                decode_row(4, True, codes, group, levels, scales, sign_bits, floor, out, r, table)
             else:
-                row_by_eights(width, codes, group, levels, scales, sign_bits, floor, out, r, table)
+                decode_row(width, True, codes, group, levels, scales, sign_bits, floor, out, r, table)
 
     return weights
 
