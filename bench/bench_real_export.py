@@ -16,7 +16,8 @@ held-out split (never calibration text), sliding windows of 256 with stride 128.
 is taken after ``from_pretrained`` of the written export (the round trip is part of the measurement).
 
 Also timed: the export itself through ``export_run`` (calibration + coding + save, and refinement when
-``--refine-steps``), and ``from_pretrained`` of the export against that of the dense folder (alternated, medians).
+``--refine-steps``), and ``from_pretrained`` of the export against that of the dense folder (alternated, medians):
+loaded again and again in this process, and loaded once in each of several new processes, as a script loads it.
 
     python bench/bench_real_export.py [--finetune runs/smollm2-ft] [--budgets 2.5,3.25,4.25]
     # writes bench/results/real_export.{json,md,png}
@@ -28,6 +29,8 @@ import argparse
 import json
 import math
 import platform
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -109,11 +112,46 @@ def timed_export(run_dir, out: Path, budget: float, **kwargs) -> tuple[dict, flo
     return report, time.perf_counter() - start
 
 
+# One load in a new process, as a user's script does it: the libraries (hf_signlock too, which helps the dense side)
+# are imported before the clock starts; numba's kernels load inside it.
+_FRESH_LOAD = """
+import json, sys, time, torch
+import hf_signlock
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging
+logging.disable_progress_bar()
+torch.set_num_threads(2)
+start = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+loaded = time.perf_counter() - start
+with torch.no_grad():
+    model(torch.randint(0, 1000, (1, 128), generator=torch.Generator().manual_seed(0)))
+print(json.dumps({"load": loaded, "load_and_forward": time.perf_counter() - start}))
+"""
+
+
+def fresh_process_ratio(export: Path, dense: Path, repeats: int) -> dict:
+    """The first ``from_pretrained`` of a process (and it plus one forward), export vs dense folder, each in a new
+    Python process, alternated: medians of the seconds and of the per-pair ratios."""
+    def run(folder):
+        out = subprocess.run([sys.executable, "-c", _FRESH_LOAD, str(folder)], capture_output=True, text=True,
+                             check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    pairs = [(run(dense), run(export)) for _ in range(repeats)]
+    return {key: {"dense_s": round(statistics.median(d[key] for d, _ in pairs), 3),
+                  "export_s": round(statistics.median(e[key] for _, e in pairs), 3),
+                  "ratio": round(statistics.median(e[key] / d[key] for d, e in pairs), 2)}
+            for key in ("load", "load_and_forward")}
+
+
 def load_ratio(export: Path, dense: Path, repeats: int) -> dict:
     """``from_pretrained`` of the export vs the dense folder (alternated), three ways: the default load (dense
     modules: every layer checked and decoded), the same followed by one forward pass of 128 tokens (the dense
     folder is memory-mapped, so its weights are only read when first used: this counts that), and the export kept
-    compressed (``dequantize=False``: checked, decoded in each forward)."""
+    compressed (``dequantize=False``: checked, decoded in each forward). Beside them, the dense folder loaded and
+    its target weights copied into the process's own memory: no checking, no decoding, only the fresh pages that
+    any load holding dense modules must write, the least such a load can cost against a memory map."""
     prompt = torch.randint(0, 1000, (1, 128), generator=torch.Generator().manual_seed(0))
 
     def load(folder, forward=False, **kwargs):
@@ -124,11 +162,20 @@ def load_ratio(export: Path, dense: Path, repeats: int) -> dict:
                     model(prompt)
         return run
 
+    def dense_in_memory():
+        model = AutoModelForCausalLM.from_pretrained(dense)
+        for module in find_target_modules(model).values():
+            module.weight.data = module.weight.detach().clone()
+
     result = {}
+    dense_s, copied_s, ratio = paired_seconds(load(dense), dense_in_memory, repeats)
+    result["dense_in_memory"] = {"dense_s": round(dense_s, 3), "export_s": round(copied_s, 3), "ratio": round(ratio, 2)}
     for key, forward, kwargs in (("load", False, {}), ("load_and_forward", True, {}),
                                  ("load_compressed", False, {"quantization_config": SignLockConfig(dequantize=False)})):
         dense_s, export_s, ratio = paired_seconds(load(dense, forward), load(export, forward, **kwargs), repeats)
         result[key] = {"dense_s": round(dense_s, 3), "export_s": round(export_s, 3), "ratio": round(ratio, 2)}
+    for key, value in fresh_process_ratio(export, dense, repeats).items():
+        result[f"fresh_process_{key}"] = value
     return result
 
 
@@ -233,10 +280,17 @@ def write(result: dict, out: Path) -> None:
               "paired ratios):"), "", "| export | load | export s | dense s | x dense |", "|---|---|---|---|---|"]
     for export, key in (("SmolLM2-135M packed", "load"), ("fine-tune, signs against the base", "finetune_base_load")):
         for kind, label in (("load", "`from_pretrained`"), ("load_and_forward", "`from_pretrained` + one forward"),
-                            ("load_compressed", "`from_pretrained(..., dequantize=False)`")):
+                            ("load_compressed", "`from_pretrained(..., dequantize=False)`"),
+                            ("fresh_process_load", "first `from_pretrained` of a new process"),
+                            ("fresh_process_load_and_forward", "first `from_pretrained` of a new process + one forward")):
             if key in timings:
                 t = timings[key][kind]
                 lines.append(f"| {export} | {label} | {t['export_s']} | {t['dense_s']} | {t['ratio']} |")
+    for folder, key in (("SmolLM2-135M", "load"), ("fine-tune", "finetune_base_load")):
+        if key in timings and "dense_in_memory" in timings[key]:
+            t = timings[key]["dense_in_memory"]
+            lines.append(f"| {folder} dense folder, target weights copied into memory (no checks, no decoding) | "
+                         f"`from_pretrained` + copy | {t['export_s']} | {t['dense_s']} | {t['ratio']} |")
     lines.append("")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(result, out.with_suffix(".png"))

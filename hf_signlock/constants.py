@@ -6,9 +6,10 @@ know instead of guessing.
 
 # --- formats ----------------------------------------------------------------------------------------------------------
 SIGNS_FORMAT_VERSION = 1  # the seeded sign generator (see hf_signlock/signs/generator.py and docs/method.md)
-EXPORT_FORMAT_VERSION = 3  # SignLock checkpoints. 3: compact binary layer records; 2: JSON records; 1: a tensor per table
+# SignLock checkpoints. 4: XXH3 checksums; 3: compact binary layer records (blake2b); 2: JSON records; 1: a tensor per table
+EXPORT_FORMAT_VERSION = 4
 FLIP_CODE_VERSION = 1  # the coded flip stream inside each layer's payload
-SIGN_PACK_FORMAT_VERSION = 1  # sign packs: a base model's target signs, 1 bit each (quantization/base_signs.py)
+SIGN_PACK_FORMAT_VERSION = 2  # sign packs: a base model's target signs, 1 bit each (base_signs.py). 2: XXH3 checksum
 QUANT_METHOD = "signlock"  # `quantization_config.quant_method` in config.json
 
 # SplitMix64 (Steele, Lea & Flood 2014), the counter-based hash behind the seeded signs. Shared by the reference

@@ -131,7 +131,7 @@ def test_sign_pack_holds_one_bit_per_weight(setup):
         assert set(handle.keys()) == set(numel)
         assert all(handle.get_slice(name).get_shape() == [math.ceil(n / 8)] for name, n in numel.items())
     assert (meta["format"], meta["format_version"], meta["source_model"]) == (
-        "signlock-sign-pack", "1", str(setup["root"] / "base"))
+        "signlock-sign-pack", "2", str(setup["root"] / "base"))
     assert [name for name, _ in json.loads(meta["shapes"])] == list(numel)  # in target order
     data = sum(math.ceil(n / 8) for n in numel.values())
     assert data < pack.stat().st_size < data + 4096  # the signs and a small header

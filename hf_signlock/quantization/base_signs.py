@@ -23,7 +23,6 @@ other signs than the checkpoint's (``BaseSignsMismatchError``); nothing is decod
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import os
@@ -33,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import xxhash
 from safetensors import safe_open
 
 from ..constants import QUANT_METHOD, SIGN_PACK_FORMAT_VERSION, SIGN_PACK_NAME
@@ -45,7 +45,6 @@ from ..errors import (
     SignLockConfigError,
 )
 from ..signs import pack_signs
-from .payload import CHECKSUM_BYTES
 from .records import targets_checksum
 
 SIGN_PACK_FORMAT = "signlock-sign-pack"
@@ -58,8 +57,8 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 def signs_checksum(bits: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> str:
     """Checksum of bit-packed signs (``pack_signs`` layout), in the given (target) order: each weight's name, shape
-    and bits. 128-bit blake2b: it stands for a whole model's signs."""
-    digest = hashlib.blake2b(b"hf_signlock/base-signs/v1\x00", digest_size=2 * CHECKSUM_BYTES)
+    and bits. 128-bit XXH3 (as the payload checksums, for speed): it stands for a whole model's signs."""
+    digest = xxhash.xxh3_128(b"hf_signlock/base-signs/v2\x00")
     for name, packed in bits.items():
         digest.update(f"{name}|{','.join(map(str, shapes[name]))}|".encode())
         digest.update(packed.detach().cpu().contiguous().numpy().tobytes())

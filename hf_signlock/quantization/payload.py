@@ -3,16 +3,18 @@
 One uint8 tensor per layer, because the loader's cost is per stored tensor (one per table was a large part of the
 gap to a dense load). Sections go widest element first (in spec order within a width): every offset is then a
 multiple of its element size with no padding, so the typed views need no copy and every payload byte is a stored
-bit. Checksums are 64-bit blake2b digests, written into the layer's record at export and checked at load.
+bit. Checksums are 64-bit XXH3 digests, written into the layer's record at export and checked at load: they
+guard against corrupted, truncated or mismatched files, not against forgery (whoever can rewrite a payload can rewrite
+the config beside it), and XXH3 hashes at ~13 GB/s where blake2b managed 1 (blake2b was a tenth of a SmolLM2 load).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import numpy as np
 import torch
+import xxhash
 
 CHECKSUM_BYTES = 8
 
@@ -29,14 +31,14 @@ def payload_layout(specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dic
 
 def payload_digest(payload: torch.Tensor) -> str:
     """Checksum of a layer's payload: its size and every byte."""
-    digest = hashlib.blake2b(f"payload|{payload.numel()}|".encode(), digest_size=CHECKSUM_BYTES)
+    digest = xxhash.xxh3_64(f"payload|{payload.numel()}|".encode())
     digest.update(payload.detach().contiguous().cpu().numpy())
     return digest.hexdigest()
 
 
 def bits_digest(sign_bits: torch.Tensor) -> str:
     """Checksum of bit-packed signs (``pack_signs`` layout)."""
-    return hashlib.blake2b(sign_bits.detach().cpu().contiguous().numpy(), digest_size=CHECKSUM_BYTES).hexdigest()
+    return xxhash.xxh3_64_hexdigest(sign_bits.detach().cpu().contiguous().numpy())
 
 
 def sign_digest(signs: torch.Tensor) -> str:
