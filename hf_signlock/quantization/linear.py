@@ -92,6 +92,7 @@ class SignLockLinear(nn.Module):
         self.pinned_signs = None  # refinement: int8 signs held fixed while the tables train
         self.trainable_tables: dict[str, torch.Tensor] = {}  # refinement's float32 stand-ins for stored tables
         self._table_owner = ()  # (layer,) holding the codebook this layer shares; a tuple so it is no submodule
+        self.base_bits = None  # sign_source "base": the base's packed signs, once loading has checked them
         if has_bias:
             self.bias = nn.Parameter(torch.empty(self.out_features, dtype=dtype, device=device), requires_grad=False)
         else:
@@ -159,7 +160,9 @@ class SignLockLinear(nn.Module):
         if self.config.sign_source == "seed":
             bits = seeded_sign_bits(self.config.seed, self.param_name, numel, device=device)
         elif self.config.sign_source == "base":  # a copy: the base's bits are shared by every user of that base
-            bits = base_layer_bits(self.config, self.param_name, self.shape).to(device, copy=True)
+            base = self.base_bits if self.base_bits is not None else base_layer_bits(self.config, self.param_name,
+                                                                                      self.shape)
+            bits = base.to(device, copy=True)
         else:
             bits = pack_signs(reference_signs(self.config.seed, self.param_name, self.shape, self.config.sign_source,
                                               self.config.template_rank, device=device))

@@ -129,8 +129,10 @@ class SignLockHfQuantizer(HfQuantizer):
             check_budget_is_possible(targets, config)
             return model
         records = config.layer_records([f"{name}.weight" for name in targets])
+        base_bits = {}
         if config.sign_source == "base":  # the base is found, of this architecture, with the signs exported against
-            check_base_signs(config, {f"{name}.weight": tuple(module.weight.shape) for name, module in targets.items()})
+            base_bits = check_base_signs(config, {f"{name}.weight": tuple(module.weight.shape)
+                                                  for name, module in targets.items()})
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
             re.escape(key) + "$" for key in guard_tensors(next(iter(records)))
         }
@@ -138,6 +140,7 @@ class SignLockHfQuantizer(HfQuantizer):
         layers = []
         for (module_name, module), (param_name, record) in zip(targets.items(), records.items()):
             layers.append(SignLockLinear.like(module, param_name, record, config))
+            layers[-1].base_bits = base_bits.get(param_name)  # checked just now: not looked up again per layer
             layers[-1].to(model.config.dtype)  # the dtype the model is loaded in (the bias is cast on load)
             _replace(modules, module_name, layers[-1])
         link_shared_tables(layers)  # the payload sizes depend on who stores the codebook: check that before loading
