@@ -146,7 +146,24 @@ def fresh_process_ratio(export: Path, dense: Path, repeats: int) -> dict:
 
 
 def load_ratio(export: Path, dense: Path, repeats: int) -> dict:
-    """``from_pretrained`` of the export vs the dense folder (alternated), three ways: the default load (dense
+    """Loads of the export against the dense folder: repeated, each kind in its own new process
+    (``repeated_loads``: a process that has freed much memory before reuses it and faults in fewer fresh pages,
+    which flattered the export by up to ~1.3x dense here), and the first load of each of several new processes."""
+    result = {}
+    for kind in LOAD_KINDS:
+        out = subprocess.run([sys.executable, __file__, "--repeated-loads", str(export), str(dense), kind,
+                              "--load-repeats", str(repeats)], capture_output=True, text=True, check=True)
+        result[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+    for key, value in fresh_process_ratio(export, dense, repeats).items():
+        result[f"fresh_process_{key}"] = value
+    return result
+
+
+LOAD_KINDS = ("load", "load_and_forward", "load_compressed", "dense_in_memory")
+
+
+def repeated_loads(export: Path, dense: Path, kind: str, repeats: int) -> dict:
+    """``from_pretrained`` of the export vs the dense folder (alternated), one of three ways: the default load (dense
     modules: every layer checked and decoded), the same followed by one forward pass of 128 tokens (the dense
     folder is memory-mapped, so its weights are only read when first used: this counts that), and the export kept
     compressed (``dequantize=False``: checked, decoded in each forward). Beside them, the dense folder loaded and
@@ -167,16 +184,10 @@ def load_ratio(export: Path, dense: Path, repeats: int) -> dict:
         for module in find_target_modules(model).values():
             module.weight.data = module.weight.detach().clone()
 
-    result = {}
-    dense_s, copied_s, ratio = paired_seconds(load(dense), dense_in_memory, repeats)
-    result["dense_in_memory"] = {"dense_s": round(dense_s, 3), "export_s": round(copied_s, 3), "ratio": round(ratio, 2)}
-    for key, forward, kwargs in (("load", False, {}), ("load_and_forward", True, {}),
-                                 ("load_compressed", False, {"quantization_config": SignLockConfig(dequantize=False)})):
-        dense_s, export_s, ratio = paired_seconds(load(dense, forward), load(export, forward, **kwargs), repeats)
-        result[key] = {"dense_s": round(dense_s, 3), "export_s": round(export_s, 3), "ratio": round(ratio, 2)}
-    for key, value in fresh_process_ratio(export, dense, repeats).items():
-        result[f"fresh_process_{key}"] = value
-    return result
+    timed = {"load": load(export), "load_and_forward": load(export, forward=True), "dense_in_memory": dense_in_memory,
+             "load_compressed": load(export, quantization_config=SignLockConfig(dequantize=False))}[kind]
+    dense_s, export_s, ratio = paired_seconds(load(dense, forward=kind == "load_and_forward"), timed, repeats)
+    return {"dense_s": round(dense_s, 3), "export_s": round(export_s, 3), "ratio": round(ratio, 2)}
 
 
 def main(argv=None):
@@ -188,9 +199,15 @@ def main(argv=None):
     parser.add_argument("--refine-steps", type=int, default=0, help="also time an export refined for N steps")
     parser.add_argument("--load-repeats", type=int, default=7)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "real_export"))
+    parser.add_argument("--repeated-loads", nargs=3, metavar=("EXPORT", "DENSE", "KIND"),
+                        help=f"only time repeated loads of EXPORT against DENSE, KIND one of {LOAD_KINDS} (JSON)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     logging.disable_progress_bar()
+    if args.repeated_loads:
+        export, dense, kind = args.repeated_loads
+        print(json.dumps(repeated_loads(Path(export), Path(dense), kind, args.load_repeats)))
+        return
     began = time.perf_counter()
     folder = smollm2_folder()
     budgets = [float(b) for b in args.budgets.split(",")]
@@ -277,7 +294,7 @@ def write(result: dict, out: Path) -> None:
               f"{timings['export_s']} s on {result['threads']} threads"
               + (f"; with refinement {timings['refined_export_s']} s" if "refined_export_s" in timings else "")
               + ".", "", ("Loading, export vs dense folder (median seconds of alternated loads, median of the "
-              "paired ratios):"), "", "| export | load | export s | dense s | x dense |", "|---|---|---|---|---|"]
+              "paired ratios; repeated loads in one clean process, first loads in new processes):"), "", "| export | load | export s | dense s | x dense |", "|---|---|---|---|---|"]
     for export, key in (("SmolLM2-135M packed", "load"), ("fine-tune, signs against the base", "finetune_base_load")):
         for kind, label in (("load", "`from_pretrained`"), ("load_and_forward", "`from_pretrained` + one forward"),
                             ("load_compressed", "`from_pretrained(..., dequantize=False)`"),
