@@ -25,11 +25,12 @@ from hf_signlock.errors import (
     BaseModelNotFoundError,
     BaseSignsMismatchError,
 )
-from hf_signlock.quantization.base_signs import clear_base_signs_cache, save_sign_pack
+from hf_signlock.quantization.base_signs import clear_base_signs_cache, save_sign_pack, weight_sign_bits
 from hf_signlock.quantization.bits import write_bits_report
 from hf_signlock.quantization.export import export_run
 from hf_signlock.quantization.flip_coding import encode_flips
 from hf_signlock.quantization.linear import SignLockLinear
+from hf_signlock.signs import pack_signs
 from hf_signlock.targets import find_target_modules
 
 FLIP_SHARE = 1e-3  # of the fine-tune's target signs that differ from the base's
@@ -234,3 +235,17 @@ def test_export_run_of_a_fine_tune_stores_its_signs_against_its_base(setup, tmp_
     assert (quantization["sign_source"], quantization["base_model"]) == ("base", str(root / "pack"))
     (run / STATS_NAME).write_text(json.dumps({"reference_mode": "captured", "target_modules": names}))
     assert export_run(run, tmp_path / "unrecorded", codec="exact")["sign_source"] == "packed"  # no base known
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 5), (64, 24), (1, 1)])
+def test_weight_sign_bits_packs_as_pack_signs(dtype, shape):
+    """A base's signs read from its weights are ``pack_signs`` of sign(w) with 0 and -0 counted +1, NaN -1 (as export
+    counts them), the padding bits 0."""
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    specials = torch.tensor([0.0, -0.0, float("nan")], dtype=dtype)[: weight.numel()]
+    weight.view(-1)[: len(specials)] = specials
+    expected = pack_signs(torch.where(weight >= 0, 1, -1).to(torch.int8))
+    bits = weight_sign_bits(weight)
+    assert bits.dtype == torch.uint8 and torch.equal(bits, expected)
+    assert bits[0].item() & 0b11 == 0b11 or weight.numel() < 2  # 0 and -0 are +1
