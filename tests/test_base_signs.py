@@ -245,7 +245,10 @@ def test_weight_sign_bits_packs_as_pack_signs(dtype, shape):
     weight = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
     specials = torch.tensor([0.0, -0.0, float("nan")], dtype=dtype)[: weight.numel()]
     weight.view(-1)[: len(specials)] = specials
-    expected = pack_signs(torch.where(weight >= 0, 1, -1).to(torch.int8))
+    expected = torch.zeros((weight.numel() + 7) // 8, dtype=torch.uint8)  # bit k of byte j: position 8j + k
+    for position, value in enumerate(weight.reshape(-1).float().tolist()):
+        expected[position // 8] |= int(value >= 0) << (position % 8)
+    assert torch.equal(pack_signs(torch.where(weight >= 0, 1, -1).to(torch.int8)), expected)
     bits = weight_sign_bits(weight)
     assert bits.dtype == torch.uint8 and torch.equal(bits, expected)
     assert bits[0].item() & 0b11 == 0b11 or weight.numel() < 2  # 0 and -0 are +1

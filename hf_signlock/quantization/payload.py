@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import xxhash
+
+from ..signs import pack_signs
 
 CHECKSUM_BYTES = 8
 
@@ -43,5 +44,4 @@ def bits_digest(sign_bits: torch.Tensor) -> str:
 
 def sign_digest(signs: torch.Tensor) -> str:
     """Checksum of int8 signs: that of their packed bits."""
-    bits = np.packbits(signs.reshape(-1).cpu().numpy() > 0, bitorder="little")  # = pack_signs, in one numpy pass
-    return bits_digest(torch.from_numpy(bits))
+    return bits_digest(pack_signs(signs.cpu()))

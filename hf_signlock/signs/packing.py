@@ -5,15 +5,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+
+
+def pack_bits(positive: torch.Tensor) -> torch.Tensor:
+    """Booleans (any shape) -> uint8 bits on their device, 8 per byte, bit k of byte j = position 8j + k. On the CPU
+    through numpy's packbits, one pass (the torch ops make several, with a uint8 copy and a product)."""
+    flat = positive.reshape(-1)
+    if flat.device.type == "cpu":
+        return torch.from_numpy(np.packbits(flat.numpy(), bitorder="little"))
+    flat = torch.nn.functional.pad(flat.to(torch.uint8), (0, (-flat.numel()) % 8))
+    weights = torch.tensor([1 << k for k in range(8)], dtype=torch.uint8, device=flat.device)
+    return (flat.view(-1, 8) * weights).sum(-1, dtype=torch.uint8)
 
 
 def pack_signs(signs: torch.Tensor) -> torch.Tensor:
     """int8 -1/+1 signs (any shape) -> uint8 bits, 8 per byte, bit k of byte j = position 8j + k is +1."""
-    flat = (signs.reshape(-1) > 0).to(torch.uint8)
-    flat = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 8))
-    weights = torch.tensor([1 << k for k in range(8)], dtype=torch.uint8, device=flat.device)
-    return (flat.view(-1, 8) * weights).sum(-1, dtype=torch.uint8)
+    return pack_bits(signs > 0)
 
 
 def unpack_signs(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
