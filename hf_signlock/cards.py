@@ -93,7 +93,10 @@ def export_card(folder: str | os.PathLike, model_id: str, base_model: str | None
     dataset = dataset or run_data
     flip_rate = training.get("flip_rate") if training else None
     # bits per weight are counted from the files, on no data: listed with the headline perplexity's dataset
-    results = _results([("bits_per_weight", "Bits per weight", report["bpw"], dataset),
+    checkpoint = report["checkpoint"]
+    results = _results([("bits_per_parameter", "Bits per parameter (whole file)", checkpoint["bits_per_parameter"],
+                         dataset),
+                        ("bits_per_weight", "Bits per weight", report["bpw"], dataset),
                         ("perplexity", "Perplexity", perplexity, dataset),
                         ("flip_rate", "Flip rate", flip_rate, run_data)])
     base_model = base_model or hub_base_model((training or {}).get("model_name_or_path"))
@@ -104,7 +107,7 @@ def export_card(folder: str | os.PathLike, model_id: str, base_model: str | None
     if training:
         training = {**training, "versions": _versions(training)}
     quantization = config["quantization_config"]
-    checkpoint = report["checkpoint"]
+    kinds = {layer.get("kind") for layer in report["layers"].values()}
     return ModelCard.from_template(
         card_data, template_path=str(TEMPLATES / "signlock_export.md"), model_name=name, model_id=model_id,
         architecture=(config.get("architectures") or [config.get("model_type", "")])[0], base_model=base_model,
@@ -113,5 +116,6 @@ def export_card(folder: str | os.PathLike, model_id: str, base_model: str | None
         codec_params=json.dumps(report.get("codec_params") or {}), bpw=report["bpw"], checkpoint=checkpoint,
         flip_rate=flip_rate, perplexity=perplexity, perplexity_source=source, dataset=dataset, training=training,
         refinement=report.get("refinement"), has_tokenizer=(folder / "tokenizer_config.json").exists(),
+        target_embeddings=bool(quantization.get("target_embeddings")), has_head="head" in kinds,
         **report["total"],
     )

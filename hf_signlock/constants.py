@@ -6,8 +6,10 @@ know instead of guessing.
 
 # --- formats ----------------------------------------------------------------------------------------------------------
 SIGNS_FORMAT_VERSION = 1  # the seeded sign generator (see hf_signlock/signs/generator.py and docs/method.md)
-# SignLock checkpoints. 4: XXH3 checksums; 3: compact binary layer records (blake2b); 2: JSON records; 1: a tensor per table
-EXPORT_FORMAT_VERSION = 4
+# SignLock checkpoints. 5: embeddings and LM head may be targets (`target_embeddings`); 4: XXH3 checksums; 3: compact
+# binary layer records (blake2b); 2: JSON records; 1: a tensor per table
+EXPORT_FORMAT_VERSION = 5
+READABLE_EXPORT_FORMATS = (4, 5)  # a version 4 checkpoint is a version 5 one without target_embeddings
 FLIP_CODE_VERSION = 1  # the coded flip stream inside each layer's payload
 SIGN_PACK_FORMAT_VERSION = 2  # sign packs: a base model's target signs, 1 bit each (base_signs.py). 2: XXH3 checksum
 QUANT_METHOD = "signlock"  # `quantization_config.quant_method` in config.json

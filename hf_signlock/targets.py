@@ -1,10 +1,17 @@
-"""Which modules are targets: the linear projections inside the repeated transformer blocks.
+"""Which modules are targets: the linear projections inside the repeated transformer blocks, and optionally the
+token embedding and the LM head.
 
 Targets are the 2-D weights of the linear projections inside the repeated transformer blocks (``nn.Linear`` and
 GPT-2's ``Conv1D``). By default that is every such module whose qualified name passes through a numbered block
 (``model.layers.3.mlp.up_proj``), which leaves out embeddings, the LM head, norms and biases. Patterns follow PEFT's
 ``target_modules``: a list of names matches a module whose name equals one or ends with ``"." + name``; a single
 string is a regular expression that must match the whole module name.
+
+``embeddings=True`` adds the token embedding (``model.get_input_embeddings()``, an ``nn.Embedding``), ``lm_head=True``
+the LM head (``model.get_output_embeddings()``, an ``nn.Linear``) when it is not tied to the embedding. A head tied
+to the embedding is one tensor: the embedding is its target, keyed by the embedding's parameter name, counted once.
+Compression takes both (``SignLockConfig(target_embeddings=True)``); training can take the embedding alone, since
+locking an untied head's signs costs perplexity (see ``SignLockTrainingArguments.target_lm_head``).
 
 Training and export both select their targets here, so a checkpoint's layers are the run's targets.
 """
@@ -17,7 +24,7 @@ from collections.abc import Sequence
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .errors import TargetNotFoundError
+from .errors import SignLockConfigError, TargetNotFoundError
 
 TARGET_MODULE_TYPES = (nn.Linear, Conv1D)
 
@@ -32,11 +39,80 @@ def _matches(module_name: str, patterns: str | Sequence[str]) -> bool:
     return any(module_name == p or module_name.endswith("." + p) for p in patterns)
 
 
-def find_target_modules(model: nn.Module, patterns: str | Sequence[str] | None = None) -> dict[str, nn.Module]:
-    """Map ``module_name -> module`` of the target projections, in model order."""
+def _embedding_modules(model: nn.Module, embedding_target: bool, head_target: bool) -> dict[int, nn.Module]:
+    """``id(module) -> module`` of the token embedding and an untied LM head (as asked), refused where they are shared
+    in a way a compressed layer cannot serve (which modules hold the same tensor; ``tied_head`` says whether the
+    head is tied)."""
+    from transformers.modeling_utils import PreTrainedModel  # the loader imports us while defining it
+
+    if not isinstance(model, PreTrainedModel):
+        raise SignLockConfigError(
+            f"target_embeddings needs a transformers PreTrainedModel (its get_input_embeddings), not "
+            f"{type(model).__name__}."
+        )
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if type(embedding) is not nn.Embedding or embedding.max_norm is not None:
+        raise SignLockConfigError(
+            f"This model's token embedding is a {type(embedding).__name__}"
+            f"{' with max_norm' if type(embedding) is nn.Embedding else ''}; SignLock compresses plain nn.Embedding "
+            "lookups only (a subclass may scale or transform its rows). Set target_embeddings=False to keep it dense."
+        )
+    found = {id(embedding): embedding} if embedding_target else {}
+    holders = {}  # id(tensor) -> modules holding it as their weight
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter):
+            holders.setdefault(id(weight), []).append(module)
+    tied = tied_head(model)
+    allowed = {id(embedding)} | ({id(head)} if tied else set())
+    if {id(m) for m in holders[id(embedding.weight)]} - allowed:
+        raise SignLockConfigError(
+            "This model's token embedding weight is shared with modules other than its LM head; SignLock can compress "
+            "an embedding used alone or tied to the head only. Set target_embeddings=False to keep it dense."
+        )
+    if head is not None and not tied and head_target:
+        if type(head) is not nn.Linear:
+            raise SignLockConfigError(
+                f"This model's LM head is a {type(head).__name__}; SignLock compresses an nn.Linear head only. Set "
+                "target_embeddings=False to keep it dense."
+            )
+        if len(holders[id(head.weight)]) > 1:
+            raise SignLockConfigError(
+                "This model's LM head weight is shared with another module than its token embedding; SignLock cannot "
+                "compress it. Set target_embeddings=False to keep it dense."
+            )
+        found[id(head)] = head
+    return found
+
+
+def tied_head(model: nn.Module) -> bool:
+    """Whether the model's LM head uses its token embedding's weight (one tensor): the same Parameter, or tied by
+    name in ``model.all_tied_weights_keys`` (what ``from_pretrained`` ties after loading; on the meta device the two
+    are still apart)."""
+    from transformers.modeling_utils import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return False
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    weight = getattr(head, "weight", None)
+    if head is None or not isinstance(weight, nn.Parameter):
+        return False
+    if weight is getattr(embedding, "weight", None):
+        return True
+    names = {id(module): name for name, module in model.named_modules()}
+    ties = getattr(model, "all_tied_weights_keys", None) or {}
+    return ties.get(f"{names.get(id(head))}.weight") == f"{names.get(id(embedding))}.weight"
+
+
+def find_target_modules(model: nn.Module, patterns: str | Sequence[str] | None = None,
+                        embeddings: bool = False, lm_head: bool | None = None) -> dict[str, nn.Module]:
+    """Map ``module_name -> module`` of the target projections, with ``embeddings`` the token embedding, and with
+    ``lm_head`` (None: as ``embeddings``) an untied LM head, in model order."""
     from transformers.modeling_utils import PreTrainedModel  # the loader imports us while defining it
 
     output_embeddings = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
+    lm_head = embeddings if lm_head is None else lm_head
+    extra = _embedding_modules(model, embeddings, lm_head) if embeddings or lm_head else {}
     linear = {
         name: module
         for name, module in model.named_modules()
@@ -52,7 +128,9 @@ def find_target_modules(model: nn.Module, patterns: str | Sequence[str] | None =
         found = {name: m for name, m in linear.items() if _matches(name, patterns)}
     if not found:
         raise TargetNotFoundError(_no_match_message(patterns, linear))
-    return found
+    if not extra:
+        return found
+    return {name: module for name, module in model.named_modules() if name in found or id(module) in extra}
 
 
 def _no_match_message(patterns, linear: dict[str, nn.Module]) -> str:

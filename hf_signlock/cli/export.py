@@ -20,7 +20,13 @@ def add_parser(commands) -> None:
            help="magnitude codec: signmag (calibrated levels; the default from 2 magnitude bits a weight), vq "
                 "(codebooks; the default below), lowrank, scale, exact (lossless)")
     option(parser, "bits_per_weight", type=float, default=None,
-           help="total budget per target weight, everything counted (default: 1.0 for vq and lowrank)")
+           help="budget per target weight, everything a target layer adds counted (default: 1.0 for vq and lowrank)")
+    option(parser, "bits_per_parameter", type=float, default=None,
+           help="budget of the whole file instead: every byte of the weight files and config over the model's "
+                "parameters (the dense tensors and config paid first, the rest shared by the target weights)")
+    option(parser, "target_embeddings", type=boolean, default=None,
+           help="compress the token embedding and an untied LM head too (default: when the run trained them as "
+                "targets, for a fine-tune stored against its base, and for a model without a run)")
     option(parser, "codec_params", type=json.loads, default=None, help='JSON, e.g. \'{"bits": 8, "group": 16}\'')
     option(parser, "sign_source", default=None, choices=["seed", "template", "packed", "base"],
            help="override the run's sign source (packed: explicit 1-bit signs; base: flips against --base_model)")
@@ -42,7 +48,18 @@ def add_parser(commands) -> None:
     option(parser, "refine_loss", default="lm", choices=["lm", "teacher"],
            help="refinement objective: the LM loss, or KL from the trained dense model (teacher)")
     option(parser, "dtype", default=None, choices=["float32", "bfloat16", "float16"],
-           help="dtype of the tensors that stay dense (embeddings, head, norms); default: the run's")
+           help="dtype of the tensors that stay dense (norms, biases; embeddings that are not targets); default "
+                "bfloat16")
+
+
+def summary_line(folder, report: dict) -> str:
+    """The whole file first (bytes, bits per parameter, the dense bf16 file beside it), then the target layers."""
+    total, checkpoint = report["total"], report["checkpoint"]
+    flips = f"{total['flips']:,} flips" if report["sign_source"] != "packed" else "packed signs"
+    return (f"{folder}: {checkpoint['bytes']:,} bytes, {checkpoint['bits_per_parameter']:.3f} bits per parameter "
+            f"({checkpoint['parameters']:,} parameters; dense bf16: {checkpoint['dense_bf16_bytes']:,} bytes, "
+            f"{checkpoint['bytes'] / checkpoint['dense_bf16_bytes']:.3f}x); target layers {report['bpw']:.4f} bits "
+            f"per weight ({total['weights']:,} weights, {flips}, codec {report['codec']})")
 
 
 def run(args, rest) -> int:
@@ -51,6 +68,7 @@ def run(args, rest) -> int:
     from ..quantization.export import export_run
 
     report = export_run(args.run_dir, args.out_dir, codec=args.codec, bits_per_weight=args.bits_per_weight,
+                        bits_per_parameter=args.bits_per_parameter, target_embeddings=args.target_embeddings,
                         codec_params=args.codec_params, sign_source=args.sign_source, dequantize=args.dequantize,
                         refine_steps=args.refine_steps, refine_learning_rate=args.refine_learning_rate,
                         refine_loss=args.refine_loss, dtype=args.dtype, base_model=args.base_model,
@@ -58,9 +76,5 @@ def run(args, rest) -> int:
                         calibration=CalibrationArguments(args.calibration_dataset, split=args.calibration_split,
                                                          samples=args.calibration_samples,
                                                          sequence_length=args.calibration_length))
-    total, checkpoint = report["total"], report["checkpoint"]
-    flips = f"{total['flips']:,} flips" if report["sign_source"] != "packed" else "packed signs"
-    print(f"{args.out_dir}: {report['bpw']:.4f} bits per target weight ({total['weights']:,} weights, {flips}, "
-          f"codec {report['codec']}); checkpoint {checkpoint['bytes']:,} bytes, "
-          f"{checkpoint['bits_per_parameter']:.3f} bits per parameter")
+    print(summary_line(args.out_dir, report))
     return 0

@@ -1,4 +1,4 @@
-"""``hf-signlock inspect DIR``: the bits of a SignLock checkpoint, per target layer, in total and for the whole file.
+"""``hf-signlock inspect DIR``: the bits of a SignLock checkpoint: the whole file first, then per target layer.
 
 Counted from the files themselves (see ``hf_signlock.quantization.bits``), not read from ``bpw.json``.
 """
@@ -31,19 +31,23 @@ def run(args, rest) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    rows = [("layer", "weights", "flips", "sign bits", "magnitude bits", "other bits", "bpw")]
+    checkpoint = report["checkpoint"]
+    print(f"whole file: {checkpoint['bytes']:,} bytes for {checkpoint['parameters']:,} parameters = "
+          f"{checkpoint['bits_per_parameter']:.3f} bits per parameter (dense bf16: {checkpoint['dense_bf16_bytes']:,} "
+          f"bytes, {checkpoint['bytes'] / checkpoint['dense_bf16_bytes']:.3f}x)")
+    parts = checkpoint["bytes_by_part"]
+    print("  " + "; ".join(f"{part} {value:,.0f} bytes ({value / checkpoint['bytes']:.1%})"
+                           for part, value in parts.items()))
+    rows = [("layer", "weights", "flips", "sign bits", "magnitude bits", "other bits", "bpw", "codec parameters")]
     for name, layer in [*report["layers"].items(), ("total", report["total"])]:
         flips = "-" if layer["flips"] is None else f"{layer['flips']:,}"
+        params = " ".join(f"{k}={v}" for k, v in layer.get("codec_params", {}).items())
         rows.append((name, f"{layer['weights']:,}", flips, f"{layer['sign_bits']:,.0f}",
                      f"{layer['magnitude_bits']:,.0f}", f"{layer['other_bits']:,.0f}",
-                     f"{layer['total_bits'] / layer['weights']:.4f}"))
+                     f"{layer['total_bits'] / layer['weights']:.4f}", params))
+    print()
     print(_table(rows))
-    checkpoint = report["checkpoint"]
     print(f"\nsigns: {report['sign_source']}, codec: {report['codec']} {report.get('codec_params') or ''}")
     print(f"bits per target weight: {report['bpw']:.4f} (every byte a target layer adds: payload, bias, header "
           "entries, its record, its share of the SignLock overhead)")
-    print(f"checkpoint: {checkpoint['bytes']:,} bytes for {checkpoint['parameters']:,} parameters = "
-          f"{checkpoint['bits_per_parameter']:.3f} bits per parameter; target layers {checkpoint['target_bytes']:,.0f} "
-          f"bytes, the rest (embeddings, head, norms, headers, config) {checkpoint['rest_bytes']:,.0f} bytes; "
-          f"dense bf16: {checkpoint['dense_bf16_bytes']:,} bytes")
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 
-from .options import option
+from .options import boolean, option
 
 
 def add_parser(commands) -> None:
@@ -20,6 +20,9 @@ def add_parser(commands) -> None:
     option(parser, "revision", default=None, help="Hub revision of BASE (default: main)")
     option(parser, "target_modules", nargs="*", default=None,
            help="modules whose signs to keep (default: every projection inside the transformer blocks)")
+    option(parser, "target_embeddings", type=boolean, default=True,
+           help="keep the token embedding's and an untied LM head's signs too (default: true, as exports of "
+                "fine-tunes compress them)")
 
 
 def run(args, rest) -> int:
@@ -28,7 +31,8 @@ def run(args, rest) -> int:
 
     from ..quantization.base_signs import save_sign_pack
 
-    path = save_sign_pack(args.base, args.out_dir, revision=args.revision, target_modules=args.target_modules)
+    path = save_sign_pack(args.base, args.out_dir, revision=args.revision, target_modules=args.target_modules,
+                          target_embeddings=args.target_embeddings)
     with safe_open(str(path), "pt") as handle:
         shapes = json.loads(handle.metadata()["shapes"])
     weights, size = sum(math.prod(shape) for _, shape in shapes), path.stat().st_size

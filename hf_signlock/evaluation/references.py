@@ -319,7 +319,7 @@ def _export(folder: Path, source: str, argument: str) -> ReferenceSigns:
     """The signs a SignLock export stores (decoded from its coded flips or packed bits, checked against the
     checksums recorded at export)."""
     from ..quantization.config import SignLockConfig
-    from ..quantization.quantizer import compressed_layers
+    from ..quantization.layers import compressed_layers
     from .loading import load_causal_lm
 
     with warnings.catch_warnings():  # transformers notes that only the loading attribute `dequantize` is taken: meant

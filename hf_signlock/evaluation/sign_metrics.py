@@ -180,7 +180,7 @@ def target_weights(model, reference=None, patterns: str | Sequence[str] | None =
     """``param_name -> module`` (with a ``.weight``) of the layers compared with ``reference`` (a
     ``ReferenceSigns``): a compressed model's SignLock layers, else the modules ``patterns`` name, else those the
     reference was recorded for, else every projection inside the transformer blocks."""
-    from ..quantization.quantizer import compressed_layers
+    from ..quantization.layers import compressed_layers
     from ..targets import find_target_modules
 
     layers = compressed_layers(model)

@@ -323,14 +323,16 @@ def _sign_pack(file: Path, base_model: str, revision: str | None) -> BaseSigns:
 
 
 def save_sign_pack(model_or_folder, out_dir: str | os.PathLike, *, revision: str | None = None,
-                   target_modules: list[str] | str | None = None, model_name: str | None = None) -> Path:
+                   target_modules: list[str] | str | None = None, target_embeddings: bool = True,
+                   model_name: str | None = None) -> Path:
     """Write ``out_dir/signlock_signs.safetensors``: the signs of a base model's target weights, 1 bit each, for the
     fine-tunes exported against it (``sign_source="base"``) to name as ``base_model`` instead of the dense base.
 
     ``model_or_folder`` is a model in memory, or a local folder or Hub id (at ``revision``): dense safetensors are
     read tensor by tensor, a SignLock checkpoint is loaded compressed and its signs decoded. ``target_modules`` as
     ``SignLockConfig``'s (None: every projection inside the transformer blocks; a SignLock model's targets are its
-    compressed layers); the fine-tunes' targets must be among these. Returns the file's path; the folder can be
+    compressed layers), ``target_embeddings`` adds the token embedding and an untied LM head (as fine-tunes
+    exported with ``target_embeddings`` need); the fine-tunes' targets must be among these. Returns the file's path; the folder can be
     uploaded as a Hub repo as is."""
     from ..targets import find_target_modules
 
@@ -349,7 +351,7 @@ def save_sign_pack(model_or_folder, out_dir: str | os.PathLike, *, revision: str
         shapes = {name: tuple(layer.shape) for name, layer in compressed.items()}
         bits = {name: layer.verify().cpu() for name, layer in compressed.items()}
     else:
-        targets = find_target_modules(model, target_modules)
+        targets = find_target_modules(model, target_modules, target_embeddings)
         shapes = {f"{name}.weight": tuple(module.weight.shape) for name, module in targets.items()}
         if meta_only:  # a dense folder or Hub id: the weights' signs are read from its files
             bits = resolve_base(str(model_or_folder), revision).all_bits(shapes)

@@ -8,11 +8,13 @@ A target layer adds to the checkpoint:
   (its base64 characters); and its share (pro rata by weights) of the SignLock overhead every export carries once:
   the rest of ``quantization_config``, and the two guard tensors with their header entries.
 
-``bpw`` is their sum over all target layers divided by the number of target weights. The report also gives the
-whole checkpoint (``config.json``, weight files, shard index): its bytes, its parameters (embeddings and head
-included, tied weights once) and its bits per parameter, beside what a dense bf16 checkpoint of the same model
-takes. The parts add up to the files' sizes exactly; ``rest`` holds what is not SignLock's (other tensors, header
-framing, the rest of the config).
+``bpw`` is their sum over all target layers divided by the number of target weights. The report leads with the
+whole checkpoint (``config.json``, ``generation_config.json``, weight files, shard index: what a user downloads for
+the model): its bytes, its parameters (embeddings and head included, tied weights once) and its bits per
+parameter, beside what a dense bf16 checkpoint of the same model takes. The parts add up to the files' sizes
+exactly: the target layers by kind (block projections, token embedding and LM head), the tensors stored dense
+(norms, biases of other modules, an embedding that is not a target), and the rest (header framing, the rest of the
+config files).
 """
 
 from __future__ import annotations
@@ -32,12 +34,13 @@ from .codecs import make_codec
 from .config import SignLockConfig
 from .flip_coding import flip_count
 from .guard import GUARD_KEY
-from .linear import SignLockLinear
+from .layers import compressed_like
 from .records import encoded_size
 
 _SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.float32: "F32", torch.float16: "F16",
                        torch.bfloat16: "BF16", torch.float64: "F64"}
 _MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
+_PART_NAMES = {"projection": "projections", "embedding": "token embedding", "head": "LM head"}
 LAYER_FIELDS = ("weights", "flips", "sign_bits", "magnitude_bits", "other_bits", "total_bits")
 
 
@@ -108,7 +111,8 @@ def checkpoint_report(folder: str | os.PathLike) -> dict:
     qc = config["quantization_config"]
     signlock = SignLockConfig.from_dict(qc)
     model = _meta_model(folder, config)
-    targets = find_target_modules(model, signlock.target_modules)
+    targets = find_target_modules(model, signlock.target_modules, signlock.target_embeddings)
+    embedding_kinds = _embedding_kinds(model) if signlock.target_embeddings else {}
     records = signlock.layer_records([f"{name}.weight" for name in targets])
     entries, weight_file_bytes = read_safetensors_headers(folder)
     codec = make_codec(signlock.codec, signlock.codec_params)
@@ -124,7 +128,7 @@ def checkpoint_report(folder: str | os.PathLike) -> dict:
 
     layers, codebook_bytes, sharing = {}, 0, []
     for (module_name, module), (param_name, record) in zip(targets.items(), records.items()):
-        layer = SignLockLinear.like(module, param_name, record, signlock)
+        layer = compressed_like(module, param_name, record, signlock)
         weights = math.prod(layer.shape)
         sections = {name: nbytes for name, (_, nbytes, _, _) in layer.sections.items()}
         sign_bytes = sections.pop("flips", 0) + sections.pop("sign_bits", 0)
@@ -132,16 +136,19 @@ def checkpoint_report(folder: str | os.PathLike) -> dict:
             codebook_bytes = sections.pop("codebook")
         if record["codec_params"].get("shared"):
             sharing.append(param_name)
-        own_keys = [f"{module_name}.payload"] + ([f"{module_name}.bias"] if module.bias is not None else [])
+        has_bias = getattr(module, "bias", None) is not None
+        own_keys = [f"{module_name}.payload"] + ([f"{module_name}.bias"] if has_bias else [])
         missing = [key for key in own_keys if key not in entries]
         if missing:
             raise SignLockError(f"{folder}: the weight files have no {missing[0]} tensor")
-        bias_bytes = _data_bytes(entries[own_keys[-1]]) if module.bias is not None else 0
+        bias_bytes = _data_bytes(entries[own_keys[-1]]) if has_bias else 0
         other = (bias_bytes + sum(_entry_bytes(key, entries[key]) for key in own_keys)
                  + record_chars[param_name] + shared * weights / total_weights)
-        layers[param_name] = {"weights": weights, "flips": _stored_flips(layer, entries[own_keys[0]]),
+        layers[param_name] = {"kind": embedding_kinds.get(id(module), "projection"), "signs": layer.sign_source,
+                              "weights": weights,
+                              "flips": _stored_flips(layer, entries[own_keys[0]]),
                               "sign_bits": 8 * sign_bytes, "magnitude_bits": 8 * sum(sections.values()),
-                              "other_bits": 8 * other}
+                              "other_bits": 8 * other, "codec_params": record["codec_params"]}
     sharing_weights = sum(layers[name]["weights"] for name in sharing)
     for name in sharing:  # the codebook its owner stores, charged to every layer that uses it
         layers[name]["magnitude_bits"] += 8 * codebook_bytes * layers[name]["weights"] / sharing_weights
@@ -154,21 +161,39 @@ def checkpoint_report(folder: str | os.PathLike) -> dict:
     files = {name: (folder / name).stat().st_size for name in _MODEL_FILES if (folder / name).exists()}
     checkpoint_bytes = weight_file_bytes + sum(files.values())
     parameters = sum(p.numel() for p in model.parameters())
+    signlock_keys = set(guards) | {key for key in entries if key.rsplit(".", 1)[0] in targets}
+    dense_bytes = sum(_data_bytes(entry) for key, entry in entries.items() if key not in signlock_keys)
+    by_kind = {}
+    for layer in layers.values():
+        by_kind[layer["kind"]] = by_kind.get(layer["kind"], 0) + layer["total_bits"] / 8
     return {
-        "bpw": total["total_bits"] / total["weights"],
-        "sign_source": signlock.sign_source, "codec": signlock.codec, "codec_params": signlock.codec_params,
-        "total": total,
-        "layers": layers,
         "checkpoint": {
             "bytes": checkpoint_bytes,
-            "files": {**files, "*.safetensors": weight_file_bytes},
             "parameters": parameters,
             "bits_per_parameter": 8 * checkpoint_bytes / parameters,
-            "target_bytes": target_bytes,
-            "rest_bytes": checkpoint_bytes - target_bytes,  # embeddings, head, norms, header framing, the rest of config
             "dense_bf16_bytes": 2 * parameters,
+            "files": {**files, "*.safetensors": weight_file_bytes},
+            "target_bytes": target_bytes,
+            "rest_bytes": checkpoint_bytes - target_bytes,  # dense tensors, header framing, the rest of the config
+            "bytes_by_part": {**{_PART_NAMES[kind]: value for kind, value in by_kind.items()},
+                              "dense tensors": dense_bytes,
+                              "headers and config": checkpoint_bytes - target_bytes - dense_bytes},
         },
+        "bpw": total["total_bits"] / total["weights"],
+        "sign_source": signlock.sign_source, "codec": signlock.codec, "codec_params": signlock.codec_params,
+        "target_embeddings": signlock.target_embeddings,
+        "total": total,
+        "layers": layers,
     }
+
+
+def _embedding_kinds(model) -> dict[int, str]:
+    """``id(module) -> "embedding" | "head"`` for the token embedding and the LM head."""
+    kinds = {id(model.get_input_embeddings()): "embedding"}
+    head = model.get_output_embeddings()
+    if head is not None:
+        kinds.setdefault(id(head), "head")
+    return kinds
 
 
 def _stored_flips(layer, payload_entry: dict) -> int | None:

@@ -85,6 +85,22 @@ def input_features(module: nn.Module) -> int:
     return module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0]
 
 
+def hessian_inputs(model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """``module_name -> the module whose input is that target's input``: a projection's own; for a token embedding
+    tied to the LM head, the head's (the final hidden state, what its error is measured against); an untied embedding
+    has none (its input is one token: its Hessian is diagonal over rows, and its rows are rounded each alone)."""
+    from ..targets import tied_head
+
+    head = model.get_output_embeddings() if tied_head(model) else None
+    found = {}
+    for name, module in targets.items():
+        if not isinstance(module, nn.Embedding):
+            found[name] = module
+        elif head is not None:
+            found[name] = head
+    return found
+
+
 @torch.no_grad()
 def collect_hessians(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Module],
                      batch_size: int = 8) -> dict[str, torch.Tensor]:

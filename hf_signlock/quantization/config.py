@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..constants import EXPORT_FORMAT_VERSION, QUANT_METHOD
+from ..constants import EXPORT_FORMAT_VERSION, QUANT_METHOD, READABLE_EXPORT_FORMATS
 from ..errors import CorruptCheckpointError, SignLockConfigError
 from ..signs import check_seed
 from .codecs import CODECS, DEFAULT_CODEC, make_codec
@@ -39,6 +39,8 @@ class SignLockConfig(QuantizationConfigMixin):
         base_revision: the base's Hub revision (branch, tag or commit); None: main (or a local folder).
         template_rank: rank of the template (``sign_source="template"``).
         target_modules: patterns of the modules to compress (None: every Linear/Conv1D inside the repeated blocks).
+        target_embeddings: also compress the token embedding (``SignLockEmbedding``: a lookup decodes only its
+            rows) and an untied LM head; a head tied to the embedding shares its compressed weight.
         codec: magnitude codec, one of "vq" (default), "lowrank", "scale", "exact" (lossless).
         codec_params: the codec's parameters (e.g. ``{"bits": 8, "group": 16}`` for "vq", ``{"rank": 4}`` for
             "lowrank"); parameters left out are chosen per layer to fit ``bits_per_weight``.
@@ -50,14 +52,18 @@ class SignLockConfig(QuantizationConfigMixin):
             each forward (save_pretrained writes the same bytes back). None (default): dense when loading a SignLock
             checkpoint, compressed when quantizing a dense model on load. A loading attribute: a checkpoint's
             config is overridden by ``from_pretrained(repo, quantization_config=SignLockConfig(dequantize=...))``.
-        layers, targets_checksum, dtype, base_signs_checksum: written by export (compact layer records, the checksum
-            of the target names, the dtype of stored biases, the checksum of the base's signs); never set by hand.
+        layers, targets_checksum, packed_layers, dtype, base_signs_checksum: written by export (compact layer
+            records, the checksum of the target names, the positions in target order of the layers whose signs are
+            stored packed because their flips would cost more, the dtype of stored biases, the checksum of the base's
+            signs); never set by hand.
     """
 
     def __init__(self, seed: int | None = None, sign_source: str = "seed", template_rank: int = 8,
-                 target_modules: list[str] | str | None = None, codec: str = DEFAULT_CODEC,
+                 target_modules: list[str] | str | None = None, target_embeddings: bool = False,
+                 codec: str = DEFAULT_CODEC,
                  codec_params: dict[str, Any] | None = None, bits_per_weight: float | None = None,
                  dequantize: bool | None = None, layers: str | None = None, targets_checksum: str | None = None,
+                 packed_layers: list[int] | None = None,
                  dtype: str | None = None, base_model: str | None = None, base_revision: str | None = None,
                  base_signs_checksum: str | None = None, format_version: int = EXPORT_FORMAT_VERSION, **kwargs):
         self.quant_method = QUANT_METHOD
@@ -66,12 +72,14 @@ class SignLockConfig(QuantizationConfigMixin):
         self.sign_source = sign_source
         self.template_rank = template_rank
         self.target_modules = target_modules
+        self.target_embeddings = target_embeddings
         self.codec = codec
         self.codec_params = dict(codec_params or {})
         self.bits_per_weight = bits_per_weight
         self.dequantize = dequantize
         self.layers = layers
         self.targets_checksum = targets_checksum
+        self.packed_layers = packed_layers
         self.dtype = dtype
         self.base_model = None if base_model is None else str(base_model)  # a Path is accepted; JSON keeps a str
         self.base_revision = base_revision
@@ -79,10 +87,10 @@ class SignLockConfig(QuantizationConfigMixin):
         self.post_init()
 
     def post_init(self):
-        if self.format_version != EXPORT_FORMAT_VERSION:
+        if self.format_version not in READABLE_EXPORT_FORMATS:
             raise SignLockConfigError(
-                f"This checkpoint uses SignLock format version {self.format_version}; this hf_signlock reads version "
-                f"{EXPORT_FORMAT_VERSION}. Load it with the hf-signlock release that wrote it, or export the trained model "
+                f"This checkpoint uses SignLock format version {self.format_version}; this hf_signlock reads versions "
+                f"{', '.join(map(str, READABLE_EXPORT_FORMATS))}. Load it with the hf-signlock release that wrote it, or export the trained model "
                 "again with this one (`hf-signlock export`)."
             )
         if self.sign_source not in SIGN_SOURCES:
@@ -91,6 +99,14 @@ class SignLockConfig(QuantizationConfigMixin):
             raise SignLockConfigError(f"`codec` must be one of {tuple(CODECS)}, got {self.codec!r}.")
         if self.bits_per_weight is not None and not self.bits_per_weight > 0:
             raise SignLockConfigError(f"`bits_per_weight` must be > 0, got {self.bits_per_weight}.")
+        if self.target_embeddings not in (True, False):
+            raise SignLockConfigError(f"`target_embeddings` must be True or False, got {self.target_embeddings!r}.")
+        if self.packed_layers is not None and not (
+                isinstance(self.packed_layers, list) and all(type(i) is int and i >= 0 for i in self.packed_layers)):
+            raise CorruptCheckpointError(f"`packed_layers` must be a list of layer positions, got {self.packed_layers!r}")
+        if (self.target_embeddings or self.packed_layers) and self.format_version < 5:
+            raise SignLockConfigError("`target_embeddings` needs SignLock format version 5; this config says "
+                                      f"{self.format_version}. Export the model again.")
         if self.dequantize not in (None, True, False):
             raise SignLockConfigError(f"`dequantize` must be True, False or None, got {self.dequantize!r}.")
         if self.template_rank < 1:
@@ -134,6 +150,8 @@ class SignLockConfig(QuantizationConfigMixin):
         """Store the records of the target layers (``param_name -> record``, in target order)."""
         self.layers = encode_records(list(records.values()), make_codec(self.codec, self.codec_params))
         self.targets_checksum = targets_checksum(list(records))
+        packed = [i for i, record in enumerate(records.values()) if record.get("packed_signs")]
+        self.packed_layers = packed if packed and self.sign_source != "packed" else None
 
     def layer_records(self, names: list[str]) -> dict[str, dict]:
         """The records of the target parameters ``names`` (in target order), checked against the stored checksum
@@ -150,6 +168,10 @@ class SignLockConfig(QuantizationConfigMixin):
         if len(records) != len(names):
             raise CorruptCheckpointError(f"config.json holds {len(records)} SignLock layer records for the "
                                          f"{len(names)} target layers of this model")
+        for index in self.packed_layers or ():
+            if index >= len(records):
+                raise CorruptCheckpointError(f"`packed_layers` names layer {index}; this model has {len(records)}")
+            records[index]["packed_signs"] = True
         return dict(zip(names, records))
 
     @property

@@ -3,6 +3,9 @@
 The seed, sign source and targets come from the run's ``signlock_stats.json``: a run fine-tuned from a pretrained
 model stores its signs as flips against that base model's (``sign_source="base"``); a folder without one (any dense
 or Hub model) is exported with ``packed`` signs, 1 bit each, and says so, unless ``base_model`` names its base.
+The token embedding and an untied LM head are compressed too when the run trained them as targets, for a fine-tune
+(their signs against the base's) and for a folder without a run (packed signs); the tensors that stay dense (norms)
+are stored in bf16 unless ``dtype`` says otherwise. ``bits_per_parameter`` budgets the whole file (``budget.py``).
 With ``refine_steps`` the codec tables are trained on the run's own training text, every sign fixed (``refine.py``).
 """
 
@@ -13,13 +16,15 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from transformers.utils import logging
 
 from ..constants import STATS_NAME, TRAINING_STATS_NAME
-from ..errors import SignLockConfigError
+from ..errors import BudgetError, SignLockConfigError
 from ..targets import find_target_modules
 from .bits import write_bits_report
-from .calibration import CalibrationArguments, calibration_windows, collect_hessians
+from .budget import bits_per_weight_for_file
+from .calibration import CalibrationArguments, calibration_windows, collect_hessians, hessian_inputs
 from .codecs import make_codec
 from .config import SignLockConfig
 from .quantize import quantize_model
@@ -34,23 +39,33 @@ def signs_of_run(run_dir: str | os.PathLike, model=None) -> dict:
     model (captured signs) stores its signs against that model's (``base``, with ``base_model``); ``packed`` signs
     (with the reason) when the run was not trained from our seeded init and names no starting model. Given the
     run's ``model``, targets that are the default ones come back as None: the checkpoint's config then names no
-    modules (a list costs about 40 bytes a layer)."""
+    modules (a list costs about 40 bytes a layer). ``target_embeddings``: whether the embedding and an untied head
+    are compressed too: where the run trained them as targets, and wherever their signs cost the same as the other
+    targets' (packed signs, or flips against a base, which a fine-tune keeps whether it tracked them or not)."""
     path = Path(run_dir, STATS_NAME)
     if not path.exists():
-        return {"sign_source": "packed", "why": f"{path} is missing: not a SignLockTrainer run"}
+        return {"sign_source": "packed", "target_embeddings": True,
+                "why": f"{path} is missing: not a SignLockTrainer run"}
     stats = json.loads(path.read_text())
     if stats.get("reference_mode") not in ("seed", "captured"):
-        return {"sign_source": "packed", "why": "the run records no reference mode"}
+        return {"sign_source": "packed", "target_embeddings": True, "why": "the run records no reference mode"}
     if stats["reference_mode"] == "captured" and not stats.get("model_name_or_path"):
-        return {"sign_source": "packed", "why": "the run fine-tuned from captured signs and does not record the model "
-                "it started from (pass base_model to store its signs against that model's)"}
+        return {"sign_source": "packed", "target_embeddings": True,
+                "why": "the run fine-tuned from captured signs and does not record the model it started from (pass "
+                "base_model to store its signs against that model's)"}
+    trained_embeddings = bool(stats.get("target_embeddings", False))
     modules = [name.removesuffix(".weight") for name in stats.get("target_modules", [])]
-    if model is not None and modules == list(find_target_modules(model)):
-        modules = None
+    if model is not None:
+        embeddings = {name for name in find_target_modules(model, None, True)} - set(find_target_modules(model))
+        modules = [name for name in modules if name not in embeddings]
+        if modules == list(find_target_modules(model)):
+            modules = None
     if stats["reference_mode"] == "captured":  # the starting signs are the pretrained model's own
-        return {"sign_source": "base", "base_model": stats["model_name_or_path"], "target_modules": modules or None}
+        return {"sign_source": "base", "base_model": stats["model_name_or_path"], "target_modules": modules or None,
+                "target_embeddings": True}
     return {"sign_source": stats.get("sign_source", "seed"), "seed": stats["seed"],
-            "template_rank": stats.get("template_rank", 8), "target_modules": modules or None}
+            "template_rank": stats.get("template_rank", 8), "target_modules": modules or None,
+            "target_embeddings": trained_embeddings}
 
 
 def default_codec(bits_per_weight: float | None, sign_source: str) -> str:
@@ -64,19 +79,23 @@ def default_codec(bits_per_weight: float | None, sign_source: str) -> str:
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: str | None = None,
-               codec_params: dict | None = None, bits_per_weight: float | None = None, sign_source: str | None = None,
-               dequantize: bool | None = None, refine_steps: int = 0, refine_learning_rate: float = 3e-3,
-               refine_loss: str = "lm", dtype: str | None = None, data_args=None, base_model: str | None = None,
-               base_revision: str | None = None, calibration: CalibrationArguments | None = None) -> dict:
+               codec_params: dict | None = None, bits_per_weight: float | None = None,
+               bits_per_parameter: float | None = None, target_embeddings: bool | None = None,
+               sign_source: str | None = None, dequantize: bool | None = None, refine_steps: int = 0,
+               refine_learning_rate: float = 3e-3, refine_loss: str = "lm", dtype: str | None = None, data_args=None,
+               base_model: str | None = None, base_revision: str | None = None,
+               calibration: CalibrationArguments | None = None) -> dict:
     """Compress a trained model folder into ``out_dir`` (model, tokenizer, ``bpw.json``); returns the bits report.
 
     The arguments are ``SignLockConfig``'s (``bits_per_weight`` None: the codec's default budget, 1.0 for vq) and
     refinement's (``refine_steps`` of AdamW at ``refine_learning_rate`` on the LM loss, or with
-    ``refine_loss="teacher"`` on the KL divergence from the dense model). ``dtype`` ("bfloat16", "float16",
-    "float32") is the dtype of the tensors that stay dense (embeddings, head, norms, biases) and of the codec's
-    input; None keeps the run's own. ``codec`` None: ``default_codec``. A codec that uses calibration (``signmag``)
-    gets each layer's input Hessian from ``calibration`` (default ``CalibrationArguments()``: 64 windows of 256
-    tokens from the run's training text, else the built-in corpus; ``samples=0`` turns it off).
+    ``refine_loss="teacher"`` on the KL divergence from the dense model). ``bits_per_parameter`` instead budgets the
+    whole file, every byte of it over the model's parameters (``budget.py``). ``target_embeddings`` None: what
+    ``signs_of_run`` says. ``dtype`` ("bfloat16", the default, "float16", "float32") is the dtype of the tensors
+    that stay dense (norms, biases, embeddings that are not targets); the codecs read the run's weights as trained.
+    ``codec`` None: ``default_codec``. A codec that uses calibration (``signmag``) gets each layer's input Hessian
+    from ``calibration`` (default ``CalibrationArguments()``: 64 windows of 256 tokens from the run's training text,
+    else the built-in corpus; ``samples=0`` turns it off); a token embedding tied to the head gets the head's.
     ``base_model`` (a folder, Hub id or sign pack, at ``base_revision``) stores the signs as flips against that
     model's (``sign_source="base"``, the default then); a run fine-tuned from a pretrained model (captured signs)
     does so against the model it records having started from."""
@@ -86,16 +105,24 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: st
         raise SignLockConfigError(f"`refine_loss` must be 'lm' or 'teacher' (the dense model), got {refine_loss!r}.")
     if dtype not in (None, "float32", "bfloat16", "float16"):
         raise SignLockConfigError(f"`dtype` must be float32, bfloat16 or float16, got {dtype!r}.")
-    load_dtype = "auto" if dtype is None else dtype
-    model = AutoModelForCausalLM.from_pretrained(run_dir, dtype=load_dtype)
+    if bits_per_weight is not None and bits_per_parameter is not None:
+        raise SignLockConfigError("Give `bits_per_weight` (the target layers' budget) or `bits_per_parameter` (the "
+                                  "whole file's), not both.")
+    save_dtype = getattr(torch, dtype or "bfloat16")
+    model = AutoModelForCausalLM.from_pretrained(run_dir, dtype="auto")
     signs = signs_of_run(run_dir, model)
     if signs["sign_source"] == "packed" and sign_source is None and base_model is None:
         logger.warning(f"Exporting {run_dir} with packed signs (1 bit per weight): {signs['why']}.")
     sign_source = sign_source or ("base" if base_model else signs["sign_source"])
+    target_embeddings = signs["target_embeddings"] if target_embeddings is None else target_embeddings
+    budget = None
+    if bits_per_parameter is not None:
+        targets = find_target_modules(model, signs.get("target_modules"), target_embeddings)
+        bits_per_weight, budget = bits_per_weight_for_file(model, targets, bits_per_parameter, save_dtype)
     config = SignLockConfig(
         seed=signs.get("seed"), sign_source=sign_source,
         template_rank=signs.get("template_rank", 8), target_modules=signs.get("target_modules"),
-        codec=codec or default_codec(bits_per_weight, sign_source),
+        target_embeddings=target_embeddings, codec=codec or default_codec(bits_per_weight, sign_source),
         codec_params=codec_params, bits_per_weight=bits_per_weight, dequantize=dequantize,
         base_model=base_model or signs.get("base_model"), base_revision=base_revision,
     )
@@ -104,13 +131,20 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: st
         calibration = calibration or CalibrationArguments()
         if calibration.samples:
             windows = calibration_windows(AutoTokenizer.from_pretrained(run_dir), calibration, run_dir)
-            hessians = collect_hessians(model, windows, find_target_modules(model, config.target_modules),
-                                        calibration.batch_size)
-    quantize_model(model, config, hessians)
+            targets = find_target_modules(model, config.target_modules, config.target_embeddings)
+            hessians = collect_hessians(model, windows, hessian_inputs(model, targets), calibration.batch_size)
+    try:
+        quantize_model(model, config, hessians)
+    except BudgetError as error:
+        if budget is None:
+            raise
+        raise BudgetError(f"bits_per_parameter={bits_per_parameter} leaves {bits_per_weight:.3f} bits per target "
+                          f"weight once the tensors stored dense and the config files are paid: {error}") from None
     refinement = None
     if refine_steps > 0:
-        teacher = AutoModelForCausalLM.from_pretrained(run_dir, dtype=load_dtype) if refine_loss == "teacher" else None
+        teacher = AutoModelForCausalLM.from_pretrained(run_dir, dtype="auto") if refine_loss == "teacher" else None
         refinement = _refine_on_run_data(model, run_dir, refine_steps, refine_learning_rate, data_args, teacher)
+    model.to(save_dtype)  # what stays dense; the compressed layers' payloads are bytes, their biases follow
     model.save_pretrained(out_dir)
     try:
         AutoTokenizer.from_pretrained(run_dir).save_pretrained(out_dir)
@@ -121,6 +155,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: st
     extra = {"refinement": refinement} if refinement else {}
     if hessians is not None:
         extra["calibration"] = calibration.describe()
+    if budget is not None:
+        extra["budget"] = budget
     return write_bits_report(out_dir, extra or None)
 
 

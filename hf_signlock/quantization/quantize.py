@@ -1,10 +1,11 @@
-"""``quantize_model``: replace a model's target layers by ``SignLockLinear`` modules, as a ``SignLockConfig`` says.
+"""``quantize_model``: replace a model's target layers by compressed modules, as a ``SignLockConfig`` says.
 
 Signs first: the trained weight's sign (zero counts as +1) is stored as the flips against the seeded reference or
 the base model's signs (``base_signs.py``), or as packed bits, and their cost sets each layer's magnitude budget,
 together with its bias and its share of the checkpoint's SignLock overhead (estimated from above, so the written
 checkpoint stays within the budget). Then the codec plans every layer's parameters at once (a shared codebook is
-fitted over all layers) and each layer is encoded and swapped in. The config becomes
+fitted over all layers) and each layer is encoded and swapped in: ``SignLockLinear`` for projections and an untied
+head, ``SignLockEmbedding`` for the token embedding (a head tied to it becomes its ``SignLockTiedHead``). The config becomes
 ``model.config.quantization_config``, so ``save_pretrained`` / ``push_to_hub`` write a checkpoint that
 ``from_pretrained`` loads back.
 """
@@ -20,18 +21,20 @@ from transformers.utils import logging
 
 from ..errors import BudgetError, SignLockConfigError
 from ..signs import pack_signs, reference_signs, unpack_signs
-from ..targets import find_target_modules
+from ..targets import find_target_modules, tied_head
 from .base_signs import base_layer_bits, check_base_signs
 from .bits import header_entry_bytes, signlock_overhead_bytes
 from .codecs import make_codec
+from .compressed import link_shared_tables
 from .config import SignLockConfig
 from .flip_coding import encode_flips
-from .linear import SignLockLinear, layout_of, link_shared_tables
+from .layers import compressed_like, install
+from .linear import layout_of
 from .payload import CHECKSUM_BYTES, payload_digest, sign_digest
 from .records import encoded_size
 
 logger = logging.get_logger(__name__)
-_HIGH_FLIP_RATE = 0.4  # above this, the weights were not trained from the config's seed
+_HIGH_FLIP_RATE = 0.4  # a larger share of the target weights with packed signs: not trained from this seed
 
 
 def flip_positions(trained_signs: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
@@ -40,16 +43,22 @@ def flip_positions(trained_signs: torch.Tensor, reference: torch.Tensor) -> np.n
 
 
 def _sign_tensors(param_name: str, weight: torch.Tensor, config: SignLockConfig) -> tuple[dict, dict]:
-    """The tensors that store the signs of ``weight`` (coded flips, or packed bits) and their record fields."""
+    """The tensors that store the signs of ``weight`` (coded flips, or packed bits) and their record fields. Coded
+    flips that would take as many bytes as packed signs (a tensor not trained from the seed, such as an LM head left
+    out of the drift) are stored as packed signs instead."""
     signs = torch.where(weight >= 0, 1, -1).to(torch.int8)
+    packed = ({"sign_bits": pack_signs(signs)},
+              {"flip_bytes": 0, "flips": None, "sign_checksum": sign_digest(signs), "packed_signs": True})
     if config.sign_source == "packed":
-        return {"sign_bits": pack_signs(signs)}, {"flip_bytes": 0, "flips": None, "sign_checksum": sign_digest(signs)}
+        return packed
     if config.sign_source == "base":  # the base's signs, read and checked once per export (quantize_model)
         reference = unpack_signs(base_layer_bits(config, param_name, tuple(weight.shape)), weight.shape)
     else:
         reference = reference_signs(config.seed, param_name, weight.shape, config.sign_source, config.template_rank)
     positions = flip_positions(signs, reference)
     blob = encode_flips(positions, weight.numel()) if len(positions) else b""  # no flips: no stream at all
+    if len(blob) >= math.ceil(weight.numel() / 8):
+        return packed
     stream = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.empty(0, dtype=torch.uint8)
     return ({"flips": stream},
             {"flips": len(positions), "flip_bytes": len(blob), "sign_checksum": sign_digest(signs)})
@@ -75,7 +84,7 @@ def layer_overhead_bits(targets: dict[str, nn.Module], config: SignLockConfig, f
                                                                     if k in codec.stored_params},
                   "stored_checksum": "0" * 16, "sign_checksum": "0" * 16}
         entries = header_entry_bytes(prefix + "payload", "U8", [model_bytes], offset, offset)
-        if module.bias is not None:
+        if getattr(module, "bias", None) is not None:
             entries += header_entry_bytes(prefix + "bias", "F32", list(module.bias.shape), offset, offset)
         overhead[name] = 8 * (entries + math.ceil(encoded_size(record, codec)) + 1
                               + shared * module.weight.numel() / total)
@@ -83,7 +92,8 @@ def layer_overhead_bits(targets: dict[str, nn.Module], config: SignLockConfig, f
 
 
 def _bias_bits(module: nn.Module) -> int:
-    return 0 if module.bias is None else module.bias.numel() * module.bias.element_size() * 8
+    bias = getattr(module, "bias", None)  # an nn.Embedding has none
+    return 0 if bias is None else bias.numel() * bias.element_size() * 8
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -113,7 +123,8 @@ def quantize_model(model: nn.Module, config: SignLockConfig, hessians: dict[str,
     """Compress the target layers of ``model`` in place; returns the model. ``hessians`` (``param_name -> H``,
     from ``calibration.collect_hessians``) let a calibrated codec (``signmag``) code with error feedback."""
     config.check_seed()
-    targets = find_target_modules(model, config.target_modules)
+    targets = find_target_modules(model, config.target_modules, config.target_embeddings)
+    tied = config.target_embeddings and tied_head(model)  # read before the embedding is replaced
     check_budget_is_possible(targets, config)
     dtypes = {module.weight.dtype for module in targets.values()}
     if len(dtypes) != 1:
@@ -151,19 +162,19 @@ def quantize_model(model: nn.Module, config: SignLockConfig, hessians: dict[str,
         encoded = codec.encode_all({name: (lambda w=weight: w.abs()) for name, weight in weights.items()}, plan,
                                    progress=encoded_one_by_one)
     progress.close()
-    records, layers = {}, []
+    records, layers = {}, {}
     for (module_name, module), (param_name, weight) in zip(targets.items(), weights.items()):
         sign_tensors, sign_record = signs.pop(param_name)
         record = {"codec_params": plan[param_name], **sign_record}
-        layer = SignLockLinear.like(module, param_name, record, config, device="cpu")
+        layer = compressed_like(module, param_name, record, config, device="cpu")
         layer.write_stored({**encoded.pop(param_name), **sign_tensors})
-        if module.bias is not None:
+        if getattr(module, "bias", None) is not None:
             layer.bias = nn.Parameter(module.bias.detach().cpu().clone(), requires_grad=False)
         record["stored_checksum"] = payload_digest(layer.payload)
         records[param_name] = record
-        layers.append(layer.to(module.weight.device))
-        model.set_submodule(module_name, layers[-1])
-    link_shared_tables(layers)
+        layers[module_name] = layer.to(module.weight.device)
+    install(model, layers, tied)
+    link_shared_tables(layers.values())
     config.set_layer_records(records)
     _mark_quantized(model, config)
     return model
@@ -174,8 +185,11 @@ def _encode_calibrated(codec, weights: dict, modules: dict, plan: dict, hessians
     encoded, skipped = {}, []
     for name in progress(plan):
         weight = weights[name]
-        hessian = hessians.get(name) if layout_of(modules[name]) == "linear" else None
-        if hessian is None:  # groups run along the stored rows' last dim: a Conv1D's outputs, not its inputs
+        layout = layout_of(modules[name])
+        hessian = hessians.get(name) if layout != "conv1d" else None
+        # Groups run along the stored rows' last dim: a Conv1D's outputs, not its inputs. An untied embedding's
+        # input is one token: its Hessian is diagonal over rows, and rounding each row is what it asks for.
+        if hessian is None and layout != "embedding":
             skipped.append(name)
         encoded[name] = codec.encode_with_hessian(weight, torch.where(weight >= 0, 1.0, -1.0), hessian, plan[name])
     if skipped:
@@ -185,21 +199,29 @@ def _encode_calibrated(codec, weights: dict, modules: dict, plan: dict, hessians
 
 
 def _warn_if_not_seeded(signs: dict, weights: dict, config: SignLockConfig) -> None:
+    """Say which layers store packed signs because their flips would cost more; warn when most weights do (the
+    model was not trained from this seed or base)."""
     if config.sign_source == "packed":
         return
-    flips = sum(record["flips"] for _, record in signs.values())
-    rate = flips / sum(weight.numel() for weight in weights.values())
-    if rate > _HIGH_FLIP_RATE and config.sign_source == "base":
+    packed = [name for name, (_, record) in signs.items() if record.get("packed_signs")]
+    if not packed:
+        return
+    share = sum(weights[name].numel() for name in packed) / sum(weight.numel() for weight in weights.values())
+    logger.info(f"{len(packed)} layers store packed signs, 1 bit each (their signs differ from the reference too "
+                f"often for coded flips to be cheaper): {', '.join(packed[:4])}{' ...' if len(packed) > 4 else ''}")
+    if share <= _HIGH_FLIP_RATE:
+        return
+    if config.sign_source == "base":
         logger.warning(
-            f"{rate:.1%} of the target weights disagree with the signs of the base model {config.base_model!r}: this "
-            "model was not fine-tuned from it, and its coded flips cost about as much as packed signs. Name the model "
-            "it started from as base_model, or use sign_source='packed'."
+            f"{share:.1%} of the target weights disagree with the signs of the base model {config.base_model!r} so "
+            "often that they store packed signs: this model was not fine-tuned from it. Name the model it started "
+            "from as base_model, or use sign_source='packed'."
         )
-    elif rate > _HIGH_FLIP_RATE:
+    else:
         logger.warning(
-            f"{rate:.1%} of the target weights disagree with the signs of seed {config.seed}: this model was not "
-            "trained from that seed, and its coded flips cost about as much as packed signs. Use the run's "
-            "sign_seed, or sign_source='packed'."
+            f"{share:.1%} of the target weights disagree with the signs of seed {config.seed} so often that they store "
+            "packed signs: this model was not trained from that seed. Use the run's sign_seed, or "
+            "sign_source='packed'."
         )
 
 

@@ -24,47 +24,15 @@ from transformers.quantizers.base import HfQuantizer
 
 from ..constants import QUANT_METHOD
 from ..errors import CorruptCheckpointError, SignLockConfigError, SignLockError
-from ..targets import find_target_modules
+from ..targets import find_target_modules, tied_head
 from .base_signs import check_base_signs
+from .compressed import CompressedWeight, link_shared_tables
 from .guard import guard_tensors
-from .linear import SignLockLinear, link_shared_tables
+from .layers import check_payloads, compressed_layers, compressed_like, dequantize_layers, install
 from .quantize import check_budget_is_possible, quantize_model
 
 
-def _replace(modules: dict[str, torch.nn.Module], name: str, module: torch.nn.Module) -> None:
-    """``model.set_submodule(name, module)`` through a ``named_modules()`` map made once, not a walk per layer."""
-    parent, _, child = name.rpartition(".")
-    setattr(modules[parent], child, module)
-
-
-def compressed_layers(model: torch.nn.Module) -> dict[str, SignLockLinear]:
-    """``module_name -> SignLockLinear`` of ``model``, in model order."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, SignLockLinear)}
-
-
-def check_payloads(layers) -> None:
-    """Every layer's payload against its checksum, before any is decoded (one thread: XXH3 hashes SmolLM2-135M's
-    43 MB in ~7 ms, where a thread pool measured ~11)."""
-    for layer in layers:
-        layer.check_payload()
-
-
-def dequantize_layers(model: torch.nn.Module, dtype: torch.dtype | None = None, verify: bool = True) -> torch.nn.Module:
-    """Replace every ``SignLockLinear`` of ``model`` by its dense module (every layer checked before any is used)."""
-    modules = dict(model.named_modules())
-    layers = compressed_layers(model)
-    if verify:
-        check_payloads(layers.values())
-    # Each layer's signs checked just before it decodes, not all first: its payload is then still in cache
-    # (measured ~10 ms of a 0.23 s SmolLM2 load); nothing is installed before every layer has passed.
-    dense = {name: layer.dense(layer.verify(payload_checked=True) if verify else None, dtype)
-             for name, layer in layers.items()}
-    for name, module in dense.items():
-        _replace(modules, name, module)
-    return model
-
-
-def check_layers_are_stored(layers: list[SignLockLinear], checkpoint_files: list[str]) -> None:
+def check_layers_are_stored(layers: list[CompressedWeight], checkpoint_files: list[str]) -> None:
     """Every tensor of every layer (payload, bias) is in the checkpoint at the shape its record gives. Checked from
     the safetensors headers before loading: transformers would fill a missing or mis-sized tensor with uninitialised
     memory (``empty_like``) and go on, and no ``_init_weights`` knows our module. The payload checksum would refuse
@@ -122,7 +90,7 @@ class SignLockHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         config = self.quantization_config
-        targets = find_target_modules(model, config.target_modules)
+        targets = find_target_modules(model, config.target_modules, config.target_embeddings)
         if not self.pre_quantized:  # quantize on load: dense weights load as usual; refuse an impossible budget now
             check_budget_is_possible(targets, config)
             return model
@@ -134,13 +102,14 @@ class SignLockHfQuantizer(HfQuantizer):
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
             re.escape(key) + "$" for key in guard_tensors(next(iter(records)))
         }
-        modules = dict(model.named_modules())
-        layers = []
+        tied = config.target_embeddings and tied_head(model)
+        layers = {}
         for (module_name, module), (param_name, record) in zip(targets.items(), records.items()):
-            layers.append(SignLockLinear.like(module, param_name, record, config))
-            layers[-1].base_bits = base_bits.get(param_name)  # checked just now: not looked up again per layer
-            layers[-1].to(model.config.dtype)  # the dtype the model is loaded in (the bias is cast on load)
-            _replace(modules, module_name, layers[-1])
+            layer = layers[module_name] = compressed_like(module, param_name, record, config)
+            layer.base_bits = base_bits.get(param_name)  # checked just now: not looked up again per layer
+            layer.to(model.config.dtype)  # the dtype the model is loaded in (the bias is cast on load)
+        install(model, layers, tied)
+        layers = list(layers.values())
         link_shared_tables(layers)  # the payload sizes depend on who stores the codebook: check that before loading
         check_layers_are_stored(layers, checkpoint_files or [])
         return model
@@ -176,6 +145,8 @@ class SignLockHfQuantizer(HfQuantizer):
         return model
 
     def _dequantize(self, model, dtype=None):
+        if isinstance(dtype, str):  # transformers passes model.config.dtype, which a loaded config may hold as a name
+            dtype = getattr(torch, dtype.removeprefix("torch."))
         return dequantize_layers(model, dtype)
 
     def get_state_dict_and_metadata(self, model):

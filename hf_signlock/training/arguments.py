@@ -58,6 +58,22 @@ class SignLockTrainingArguments(TrainingArguments):
             "linear projection inside the transformer blocks."
         },
     )
+    target_embeddings: bool = field(
+        default=False,
+        metadata={
+            "help": "Also make the token embedding a target: seeded signs keyed by its parameter name, gap init with "
+            "the std the model's own init gives it, drift and flip tracking (an LM head tied to it is the same "
+            "tensor, counted once). The recipes turn it on, so that an export can be sub-bit over the whole file."
+        },
+    )
+    target_lm_head: bool = field(
+        default=False,
+        metadata={
+            "help": "Also make an untied LM head a target. Off in the recipes: locking the head's signs cost the "
+            "quickstart model 6.4% perplexity (4.4% with a smaller margin), where the token embedding cost 1.1%; "
+            "export stores an unlocked head's signs packed, 1 bit each (docs/method.md)."
+        },
+    )
     init_std: float | None = field(
         default=None,
         metadata={

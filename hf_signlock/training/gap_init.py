@@ -79,17 +79,21 @@ def apply_gap_init(
     sign_source: str = "seed",
     template_rank: int = 8,
     init_std: float | None = None,
+    embeddings: bool = False,
+    lm_head: bool | None = None,
 ) -> list[TargetWeight]:
     """Re-initialise the target weights of ``model`` in place as ``s0 * m`` (see the module docstring).
 
-    ``targets`` are target-module patterns (default: every projection in the transformer blocks), ``gap`` is in
-    units of each tensor's init std. Returns the target weights with their init distributions.
+    ``targets`` are target-module patterns (default: every projection in the transformer blocks), ``embeddings``
+    adds the token embedding and ``lm_head`` (None: as ``embeddings``) an untied LM head, ``gap`` is in units of
+    each tensor's init std. Returns the target weights with their init distributions.
     """
     seed = check_seed(seed)
     check_gap(gap)
     if sign_source not in SIGN_SOURCES:
         raise SignLockConfigError(f"`sign_source` must be one of {SIGN_SOURCES}, got {sign_source!r}.")
-    resolved = resolve_targets(model, targets, init_std=init_std)
+    resolved = resolve_targets(model, targets, init_std=init_std, embeddings=embeddings,
+                               lm_head=embeddings if lm_head is None else lm_head)
     for target in resolved:
         param = target.param
         if param.device.type == "meta":

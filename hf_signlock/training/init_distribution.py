@@ -123,10 +123,12 @@ def init_distributions(model: PreTrainedModel, names: Sequence[str]) -> dict[str
 
 
 def resolve_targets(
-    model: nn.Module, patterns: str | Sequence[str] | None = None, init_std: float | None = None
+    model: nn.Module, patterns: str | Sequence[str] | None = None, init_std: float | None = None,
+    embeddings: bool = False, lm_head: bool = False,
 ) -> list[TargetWeight]:
-    """The target weights of ``model`` with their init distribution (``init_std`` overrides the model's)."""
-    modules = find_target_modules(model, patterns)
+    """The target weights of ``model`` with their init distribution (``init_std`` overrides the model's);
+    ``embeddings`` adds the token embedding, ``lm_head`` an untied LM head (see ``find_target_modules``)."""
+    modules = find_target_modules(model, patterns, embeddings, lm_head)
     names = [f"{module_name}.weight" for module_name in modules]
     if init_std is not None:
         if not init_std > 0:

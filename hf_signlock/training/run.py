@@ -45,6 +45,9 @@ class ModelArguments:
     num_key_value_heads: int | None = field(default=None, metadata={"help": "From scratch: KV heads (GQA)."})
     intermediate_size: int | None = field(default=None, metadata={"help": "From scratch: MLP width."})
     initializer_range: float = field(default=0.02, metadata={"help": "From scratch: init std of the model."})
+    tie_word_embeddings: bool = field(
+        default=False, metadata={"help": "From scratch: the LM head shares the token embedding's weight."}
+    )
 
     def __post_init__(self):
         # A recipe names a local folder portably as ~/...; from_pretrained would take "~" literally.
@@ -71,6 +74,7 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int):
             model_args.architecture,
             **{k: v for k, v in sizes.items() if v is not None},
             initializer_range=model_args.initializer_range,
+            tie_word_embeddings=model_args.tie_word_embeddings,
             vocab_size=len(tokenizer),
             max_position_embeddings=block_size,
             bos_token_id=tokenizer.bos_token_id,

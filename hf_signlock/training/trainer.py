@@ -91,7 +91,8 @@ _SEEDED_AGREEMENT = 0.99  # a model whose target signs follow the seed this clos
 def _follows_seed(model, args: SignLockTrainingArguments) -> bool:
     """Whether the target weights' signs already agree with the seeded reference (a seeded run, reloaded)."""
     agree = total = 0
-    for name, module in find_target_modules(model, args.target_modules).items():
+    for name, module in find_target_modules(model, args.target_modules, args.target_embeddings,
+                                                   args.target_lm_head).items():
         weight = module.weight.detach()
         if weight.device.type == "meta":  # not materialised on this rank (FSDP cpu_ram_efficient_loading)
             return False
@@ -144,10 +145,11 @@ class SignLockTrainer(Trainer):
         if seeded and _should_initialise(model, args):
             targets = apply_gap_init(
                 model, args.sign_seed, args.gap, args.target_modules, args.sign_source, args.template_rank,
-                init_std=args.init_std,
+                init_std=args.init_std, embeddings=args.target_embeddings, lm_head=args.target_lm_head,
             )
         else:
-            targets = resolve_targets(model, args.target_modules, init_std=args.init_std)
+            targets = resolve_targets(model, args.target_modules, init_std=args.init_std,
+                                      embeddings=args.target_embeddings, lm_head=args.target_lm_head)
         super().__init__(model=model, args=args, **kwargs)
         if self.is_deepspeed_enabled:
             # ZeRO-3 flattens weights into buffers the drift term cannot address by row; FSDP2 keeps them as DTensors.
@@ -334,6 +336,8 @@ class SignLockTrainer(Trainer):
             "margin_share_at_start": self.margin_share_at_start,
             "flip_tracking_steps": args.flip_tracking_steps,
             "target_modules": [t.name for t in self.reference.targets],
+            "target_embeddings": args.target_embeddings,
+            "target_lm_head": args.target_lm_head,
             "global_step": self.state.global_step,
             "history": [
                 {k: entry[k] for k in _HISTORY_KEYS if k in entry}

@@ -91,9 +91,32 @@ class MagnitudeCodec:
         magnitude = self.decode(stored, shape, params)
         return (unpack_signs(sign_bits.to(magnitude.device), shape).to(magnitude.dtype) * magnitude).to(dtype)
 
+    def decode_rows(self, stored, shape, params, sign_bits: torch.Tensor, rows: torch.Tensor,
+                    dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``rows`` (int64 indices) of the signed weight, ``len(rows) x cols`` in ``dtype``, equal to the same
+        rows of ``decode_signed``: what an embedding lookup needs."""
+        magnitude = self.decode_row_magnitudes(stored, shape, params, rows)
+        return (row_signs(sign_bits, shape[1], rows).to(magnitude.dtype) * magnitude).to(dtype)
+
+    def decode_row_magnitudes(self, stored, shape, params, rows: torch.Tensor) -> torch.Tensor:
+        """|W| of rows ``rows`` as float32: cut from the whole ``decode`` unless the codec decodes rows alone."""
+        return self.decode(stored, shape, params)[rows]
+
     def stored_specs(self, shape, dtype, params) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Name -> (shape, dtype) of each stored tensor, to build empty modules before loading."""
         raise NotImplementedError
+
+
+def row_positions(cols: int, rows: torch.Tensor) -> torch.Tensor:
+    """Flat positions of every weight of rows ``rows`` of a ``? x cols`` matrix, ``len(rows) x cols`` (int64)."""
+    return rows.long()[:, None] * cols + torch.arange(cols, device=rows.device)
+
+
+def row_signs(sign_bits: torch.Tensor, cols: int, rows: torch.Tensor) -> torch.Tensor:
+    """int8 -1/+1 signs of rows ``rows`` from bit-packed signs (``pack_signs`` layout): only their bits are read."""
+    positions = row_positions(cols, rows.to(sign_bits.device))
+    bits = (sign_bits[positions >> 3] >> (positions & 7).to(torch.uint8)) & 1
+    return bits.to(torch.int8) * 2 - 1
 
 
 class FixedSizeCodec(MagnitudeCodec):

@@ -26,8 +26,8 @@ from transformers.utils import logging
 from ...errors import BudgetError, CorruptCheckpointError, SignLockConfigError
 from ...kernels import output as kernel_output
 from ...kernels import signmag as signmag_kernel
-from ..bitpack import pack_uint, packed_bytes, unpack_uint
-from .base import BF16_BITS, MagnitudeCodec
+from ..bitpack import pack_uint, packed_bytes, unpack_uint, unpack_uint_at
+from .base import BF16_BITS, MagnitudeCodec, row_positions
 
 logger = logging.get_logger(__name__)
 
@@ -128,6 +128,13 @@ class SignMagnitudeCodec(MagnitudeCodec):
         rows, cols = shape
         codes = unpack_uint(stored["codes"], params["bits"], rows * cols).view(rows, cols)
         scale = stored["scales"].float().repeat_interleave(params["group"], dim=1)[:, :cols]
+        return self._floored(stored["levels"].float()[codes] * scale)
+
+    def decode_row_magnitudes(self, stored, shape, params, rows):
+        rows = rows.to(stored["codes"].device)
+        codes = unpack_uint_at(stored["codes"], params["bits"], row_positions(shape[1], rows))
+        columns = torch.arange(shape[1], device=rows.device) // params["group"]
+        scale = stored["scales"].float()[rows][:, columns]
         return self._floored(stored["levels"].float()[codes] * scale)
 
     def decode_signed(self, stored, shape, params, sign_bits, dtype):

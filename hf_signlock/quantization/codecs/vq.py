@@ -17,8 +17,8 @@ from transformers.utils import logging
 from ...errors import BudgetError, CorruptCheckpointError, SignLockConfigError
 from ...kernels import output as kernel_output
 from ...kernels import vq as vq_kernel
-from ..bitpack import pack_uint, packed_bytes, unpack_uint
-from .base import BF16_BITS, FLOOR, MagnitudeCodec
+from ..bitpack import pack_uint, packed_bytes, unpack_uint, unpack_uint_at
+from .base import BF16_BITS, FLOOR, MagnitudeCodec, row_positions
 
 logger = logging.get_logger(__name__)
 
@@ -195,6 +195,15 @@ class VectorCodec(MagnitudeCodec):
             raise ValueError("a vq code points past the codebook")
         flat = stored["codebook"].float()[index].reshape(-1)[: shape[0] * shape[1]]
         return self._floored(flat.view(shape) * self._row_scale(stored)[:, None])
+
+    def decode_row_magnitudes(self, stored, shape, params, rows):
+        positions = row_positions(shape[1], rows.to(stored["codes"].device))
+        group = params["group"]
+        index = unpack_uint_at(stored["codes"], params["bits"], positions // group)
+        if index.numel() and int(index.max()) >= stored["codebook"].shape[0]:
+            raise ValueError("a vq code points past the codebook")
+        scale = self._row_scale(stored).expand(shape[0])[positions[:, 0] // shape[1]]
+        return self._floored(stored["codebook"].float()[index, positions % group] * scale[:, None])
 
     def decode_signed(self, stored, shape, params, sign_bits, dtype):
         if self.floor is None or not kernel_output.usable(sign_bits, *stored.values()):
