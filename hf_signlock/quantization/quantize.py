@@ -1,9 +1,9 @@
 """``quantize_model``: replace a model's target layers by compressed modules, as a ``SignLockConfig`` says.
 
 Signs first: the trained weight's sign (zero counts as +1) is stored as the flips against the seeded reference or
-the base model's signs (``base_signs.py``), or as packed bits, and their cost sets each layer's magnitude budget,
-together with its bias and its share of the checkpoint's SignLock overhead (estimated from above, so the written
-checkpoint stays within the budget). Then the codec plans every layer's parameters at once (a shared codebook is
+the base model's signs (``base_signs.py``), or as packed bits. The budget pays every layer's signs, bias and share of
+the checkpoint's SignLock overhead (estimated from above, so the written checkpoint stays within the budget); the
+bits left are the magnitudes', the same number per weight in every layer. Then the codec plans every layer's parameters at once (a shared codebook is
 fitted over all layers) and each layer is encoded and swapped in: ``SignLockLinear`` for projections and an untied
 head, ``SignLockEmbedding`` for the token embedding (a head tied to it becomes its ``SignLockTiedHead``). The config becomes
 ``model.config.quantization_config``, so ``save_pretrained`` / ``push_to_hub`` write a checkpoint that
@@ -146,8 +146,13 @@ def quantize_model(model: nn.Module, config: SignLockConfig, hessians: dict[str,
     if budget is not None:
         overhead = layer_overhead_bits(targets, config, {n: s[1]["flip_bytes"] for n, s in signs.items()},
                                   model_bytes(model))
-        budgets = {name: budget * weight.numel() - 8 * sum(t.numel() for t in signs[name][0].values())
-                   - _bias_bits(modules[name]) - overhead[name] for name, weight in weights.items()}
+        # Signs, biases and overhead are paid first, layer by layer; the bits left are shared by all the weights
+        # alike, so a layer whose signs cost more (packed) takes them from the whole budget, not from its magnitudes.
+        fixed = sum(8 * sum(t.numel() for t in signs[name][0].values()) + _bias_bits(modules[name]) + overhead[name]
+                    for name in weights)
+        total = sum(weight.numel() for weight in weights.values())
+        per_weight = (budget * total - fixed) / total
+        budgets = {name: per_weight * weight.numel() for name, weight in weights.items()}
     codec = make_codec(config.codec, config.codec_params)
     plan = codec.plan({name: (tuple(weight.shape), budgets[name]) for name, weight in weights.items()})
 
