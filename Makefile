@@ -1,5 +1,5 @@
-# Two entry points for a fresh machine: `make quickstart` (train -> export at 1 bit per weight -> evaluate -> analyze, on the
-# built-in corpus) and `make test`.
+# Two entry points for a fresh machine: `make quickstart` (train -> export the whole model at 1 bit per parameter ->
+# evaluate -> analyze, on the built-in corpus) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -17,7 +17,7 @@ setup: $(STAMP)
 
 quickstart: setup
 	$(BIN)/hf-signlock train --config recipes/quickstart.yaml
-	$(BIN)/hf-signlock export runs/quickstart runs/quickstart-vq1 --codec vq --bits_per_weight 1.0 --refine_steps 200
+	$(BIN)/hf-signlock export runs/quickstart runs/quickstart-vq1 --bits_per_parameter 1.0 --refine_steps 200 --refine_loss teacher
 	$(BIN)/hf-signlock eval runs/quickstart-vq1
 	$(BIN)/hf-signlock analyze runs/quickstart-vq1 --output runs/quickstart-vq1/analysis
 	$(BIN)/hf-signlock inspect runs/quickstart-vq1

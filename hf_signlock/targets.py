@@ -4,8 +4,9 @@ token embedding and the LM head.
 Targets are the 2-D weights of the linear projections inside the repeated transformer blocks (``nn.Linear`` and
 GPT-2's ``Conv1D``). By default that is every such module whose qualified name passes through a numbered block
 (``model.layers.3.mlp.up_proj``), which leaves out embeddings, the LM head, norms and biases. Patterns follow PEFT's
-``target_modules``: a list of names matches a module whose name equals one or ends with ``"." + name``; a single
-string is a regular expression that must match the whole module name.
+``target_modules``: a list of names matches a module whose name equals one or ends with ``"." + name`` (naming the
+token embedding or the LM head makes it a target too, as a run's recorded targets do); a single string is a regular
+expression that must match the whole module name.
 
 ``embeddings=True`` adds the token embedding (``model.get_input_embeddings()``, an ``nn.Embedding``), ``lm_head=True``
 the LM head (``model.get_output_embeddings()``, an ``nn.Linear``) when it is not tied to the embedding. A head tied
@@ -112,7 +113,6 @@ def find_target_modules(model: nn.Module, patterns: str | Sequence[str] | None =
 
     output_embeddings = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
     lm_head = embeddings if lm_head is None else lm_head
-    extra = _embedding_modules(model, embeddings, lm_head) if embeddings or lm_head else {}
     linear = {
         name: module
         for name, module in model.named_modules()
@@ -121,16 +121,30 @@ def find_target_modules(model: nn.Module, patterns: str | Sequence[str] | None =
     if patterns is None:
         found = {name: m for name, m in linear.items() if _in_repeated_block(name)}
     else:
+        named = _named_embeddings(model, patterns) if isinstance(model, PreTrainedModel) else {}
+        embeddings = embeddings or "embedding" in named.values()
+        lm_head = lm_head or "head" in named.values()
         if not isinstance(patterns, str):
-            unmatched = [p for p in patterns if not any(_matches(name, [p]) for name in linear)]
+            unmatched = [p for p in patterns if not any(_matches(name, [p]) for name in [*linear, *named])]
             if unmatched:
                 raise TargetNotFoundError(_no_match_message(unmatched, linear))
         found = {name: m for name, m in linear.items() if _matches(name, patterns)}
     if not found:
         raise TargetNotFoundError(_no_match_message(patterns, linear))
+    extra = _embedding_modules(model, embeddings, lm_head) if embeddings or lm_head else {}
     if not extra:
         return found
     return {name: module for name, module in model.named_modules() if name in found or id(module) in extra}
+
+
+def _named_embeddings(model, patterns: Sequence[str]) -> dict[str, str]:
+    """The token embedding and the LM head when a list of patterns names them (as a run records its targets):
+    ``module_name -> "embedding" | "head"``."""
+    if isinstance(patterns, str):
+        return {}
+    kinds = {id(model.get_input_embeddings()): "embedding", id(model.get_output_embeddings()): "head"}
+    return {name: kinds[id(module)] for name, module in model.named_modules()
+            if id(module) in kinds and _matches(name, patterns)}
 
 
 def _no_match_message(patterns, linear: dict[str, nn.Module]) -> str:

@@ -54,7 +54,7 @@ def _sweep_file(tmp_path, **changes):
         "conditions": ["baseline", "gap_drift"], "drift_lambdas": [300.0], "drift_margins": [1.0], "seeds": [0],
         "headline": {"drift_lambda": 300.0, "drift_margin": 1.0}, "replicate_seeds": [], "replicate_conditions": [],
         "budgets": [0.25, 6.0], "packed_budgets": [6.0], "packed_conditions": ["baseline"], "analyze": ["baseline"],
-        "isolate": False,
+        "file_budgets": [], "isolate": False,
     }
     values.update(changes)
     _base_recipe(tmp_path)
@@ -118,15 +118,15 @@ def test_cli_sweep_trains_in_subprocesses(tmp_path, capsys):
 
 
 def test_tiny_sweep_runs_resumes_and_writes_its_outputs(tmp_path, trainings, monkeypatch):
-    config = _sweep_file(tmp_path)
+    config = _sweep_file(tmp_path, file_budgets=[12.0])
     sweep = Sweep(read_sweep(config))
-    assert len(sweep.runs()) == 2 and len(sweep.points()) == 2 + 3 + 2 + 1  # runs, exports, analysis
+    assert len(sweep.runs()) == 2 and len(sweep.points()) == 2 + 4 + 3 + 1  # runs, exports, analysis
     results = sweep.run(progress=False)
-    assert len(trainings) == 2 and results["timing"]["computed"] == 8
+    assert len(trainings) == 2 and results["timing"]["computed"] == 10
 
     out = tmp_path / "out"
     for name in ("sweep_results.json", "sweep.md", "flip_rate_vs_lambda.png", "perplexity_vs_lambda.png",
-                 "perplexity_vs_bpw.png"):
+                 "perplexity_vs_bpw.png", "perplexity_vs_bits_per_parameter.png"):
         assert (out / name).is_file(), name
     stored = json.loads((out / "sweep_results.json").read_text())
     assert {"spec", "runs", "exports", "analyses", "groups", "export_groups", "timing", "figures"} <= set(stored)
@@ -137,6 +137,9 @@ def test_tiny_sweep_runs_resumes_and_writes_its_outputs(tmp_path, trainings, mon
     assert exports[("baseline", "seed", 0.25)]["status"] == "infeasible"  # coded flips alone exceed the budget
     ok = exports[("baseline", "packed", 6.0)]
     assert ok["status"] == "ok" and ok["bpw"] <= 6.0 and ok["sign_bpw"] >= 1.0 and ok["perplexity"] > 1
+    whole = next(e for e in stored["exports"] if e["condition"] == "gap_drift" and e["signs"] == "file")
+    assert whole["budget"] == 12.0  # the whole file, embeddings and head compressed too
+    assert whole["status"] == "ok" and whole["bits_per_parameter"] <= 12.0 and whole["perplexity"] > 1
     assert not list((out / "exports").rglob("*.safetensors"))  # keep_exports: false
     assert (out / "analysis" / "baseline-s0" / "analysis.json").is_file()
     doc = (tmp_path / "doc" / "results.md").read_text()
@@ -145,10 +148,10 @@ def test_tiny_sweep_runs_resumes_and_writes_its_outputs(tmp_path, trainings, mon
     # a rerun recomputes nothing
     trainings.clear()
     results = Sweep(read_sweep(config)).run(progress=False)
-    assert trainings == [] and results["timing"] == {**results["timing"], "computed": 0, "skipped": 8}
+    assert trainings == [] and results["timing"] == {**results["timing"], "computed": 0, "skipped": 10}
 
     # a changed budget: only the new export points are computed
-    config = _sweep_file(tmp_path, budgets=[0.25, 6.0, 8.0])
+    config = _sweep_file(tmp_path, budgets=[0.25, 6.0, 8.0], file_budgets=[12.0])
     results = Sweep(read_sweep(config)).run(progress=False)
     assert trainings == [] and results["timing"]["computed"] == 2
 
@@ -310,7 +313,10 @@ def test_shipped_tiny_sweep_runs_end_to_end(tmp_path, capsys):
 
     config = Path(__file__).parent.parent / "recipes" / "sweep_tiny.yaml"
     assert main(["sweep", "--config", str(config), "--output_dir", str(tmp_path / "tiny")]) == 0
-    assert "8 points computed" in capsys.readouterr().out
+    assert "10 points computed" in capsys.readouterr().out
     results = json.loads((tmp_path / "tiny" / "sweep_results.json").read_text())
-    assert len(results["runs"]) == 2 and len(results["exports"]) == 5 and len(results["analyses"]) == 1
-    assert len(results["figures"]) == 3 and "## Summary" in (tmp_path / "tiny" / "results.md").read_text()
+    assert len(results["runs"]) == 2 and len(results["exports"]) == 7 and len(results["analyses"]) == 1
+    whole = [e for e in results["exports"] if e["signs"] == "file"]
+    assert len(whole) == 2 and all(e["status"] == "ok" and e["bits_per_parameter"] <= 3.0 for e in whole)
+    doc = (tmp_path / "tiny" / "results.md").read_text()
+    assert len(results["figures"]) == 4 and "## Summary" in doc and "## The whole file" in doc

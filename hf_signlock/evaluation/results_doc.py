@@ -369,6 +369,36 @@ def _question_pareto(results: dict) -> tuple[str, list[str]]:
     return verdict, lines
 
 
+def _whole_file(results: dict) -> list[str]:
+    """The whole-file exports (``file_budgets``): per budget, the baseline and the headline gap + drift setting."""
+    headline = _headline_group(results, "gap_drift")
+    settings = [("baseline", "baseline, seed + coded flips (no regulariser)")]
+    if headline is not None:
+        settings.append((headline["setting"], f"gap + drift ({headline['setting']})"))
+    tables = {setting: _export_map(results, setting, "file") for setting, _ in settings}
+    budgets = sorted(set().union(*tables.values()))
+    if not budgets:
+        return ["No whole-file export in these results (`file_budgets` is empty)."]
+    lines = [("Each run exported as a whole file: the token embedding and the LM head compressed too (a tensor whose "
+              "signs were not locked stores them packed), the norms in bf16. The budget and the bits are per "
+              "parameter, every byte of the weight files and config counted (`hf-signlock inspect`)."), "",
+             "| budget (bits per parameter) | " + " | ".join(f"{label}: bits per parameter, perplexity"
+                                                          for _, label in settings) + " |",
+             "|---:|" + "---|" * len(settings)]
+    for budget in budgets:
+        cells = []
+        for setting, _ in settings:
+            g = tables[setting].get(budget)
+            if g is None:
+                cells.append("-")
+            elif not g["feasible"]:
+                cells.append("infeasible")
+            else:
+                cells.append(f"{g['bits_per_parameter']['mean']:.3f}, {_spread(g['perplexity'], '.2f')}")
+        lines.append(f"| {budget:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def binary_entropy(p: float) -> float:
     """H(p) in bits: what coded flips at flip rate ``p`` cost per weight, at best."""
     if p <= 0 or p >= 1:
@@ -395,7 +425,8 @@ def _setup(results: dict) -> list[str]:
          f"margin {spec['drift_margins']}."),
         (f"- Exports: codec `{spec['codec']}`, {spec['refine_steps']} refinement steps, seeded-sign budgets "
          f"{spec['budgets']} and packed-sign budgets {spec['packed_budgets']} (for {spec['packed_conditions']}); "
-         "budgets and bpw are total bits per target weight, signs, magnitudes and overhead counted from the files."),
+         "budgets and bpw are total bits per target weight, signs, magnitudes and overhead counted from the files; "
+         f"whole-file budgets {spec.get('file_budgets', [])} bits per parameter."),
         (f"- Evaluation: `evaluate_folder` on {first.get('dataset', 'the held-out split')}; "
          f"{first.get('eval_tokens', '-')} tokens scored."),
         f"- Compute: {results.get('compute_s', 0) / 60:.1f} minutes for the points in these results.",
@@ -427,6 +458,7 @@ def build_results_doc(results: dict, extra_analyses: list[tuple[str, dict | None
         lines += ["", f"## {title}", "", f"**Verdict: {verdict}.**", ""] + body
     lines += ["", "## The regulariser's question: gap + drift vs seed + coded flips without it", "",
               f"**Answer: {answer[question[0]]}.**", ""] + question[1]
+    lines += ["", "## The whole file", ""] + _whole_file(results)
     disagreements = [title for title, verdict, _ in claims if verdict in ("partly", "contradicted")]
     lines += ["", "## Where we disagree with the paper", ""]
     lines += ([f"- {title}: **{verdict}** (see its section)." for title, verdict, _ in claims if title in disagreements]

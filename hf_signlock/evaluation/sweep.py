@@ -12,8 +12,10 @@ base recipe with a few flags set (``overrides`` first, then the point's ``gap``,
 Every run gets ``seeds``; the runs of ``replicate_conditions`` at the ``headline`` setting also get
 ``replicate_seeds`` (the comparisons whose differences are small: the baseline against the recommended method), so
 the results show a spread. Every run is exported with its own seeded signs plus coded flips at each of ``budgets``
-(total bits per target weight, everything counted: ``bpw.json``), the runs of ``packed_conditions`` also with packed
-1-bit signs at ``packed_budgets``; a budget the codec cannot meet is recorded as ``infeasible``. Every run and export
+(total bits per target weight of the block projections, everything counted: ``bpw.json``), the runs of
+``packed_conditions`` also with packed 1-bit signs at ``packed_budgets``, and every run as a whole file (embeddings
+and head compressed too) at each of ``file_budgets`` bits per parameter; a budget the codec cannot meet is recorded
+as ``infeasible``. Every run and export
 is evaluated with :func:`~hf_signlock.evaluation.perplexity.evaluate_folder` on the held-out split of its data; the
 runs of ``analyze`` (first seed, headline setting) go through :func:`~hf_signlock.evaluation.analyze.analyze`.
 
@@ -36,7 +38,9 @@ figures (:mod:`.sweep_plots`) are written to ``output_dir``, and the results doc
   flip_rate, near_zero_fraction, geometric_tail_ratio, tail_ratios, crossing_histogram, flip_history,
   perplexity`` (``evaluate_folder``), ``trainer_eval_perplexity, resumed_from, train_s, eval_s``;
 - ``exports``: per export ``id, run, setting, signs, budget, status`` (``ok`` or ``infeasible`` with ``error``) and,
-  when ok, ``bpw, sign_bpw, magnitude_bpw, other_bpw, flips, perplexity, export_s, eval_s``;
+  when ok, ``bpw, sign_bpw, magnitude_bpw, other_bpw, flips, bits_per_parameter, perplexity, export_s, eval_s``
+  (``signs``: "seed" or "packed" for the projections' exports, "file" for the whole-file ones, whose ``budget`` is
+  in bits per parameter);
 - ``analyses``: per analysed run ``run, analysis`` (the ``analysis.json`` path) and its ``total``;
 - ``groups`` / ``export_groups``: per setting (and signs and budget) ``{mean, min, max, std, n}`` of each metric over
   the seeds; ``spec``, ``points`` (total, done), ``compute_s``, ``timing`` (this call), ``figures``.
@@ -101,6 +105,7 @@ class SweepSpec:
     budgets: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 1.5])
     packed_budgets: list[float] = field(default_factory=lambda: [1.25, 1.5, 2.0])
     packed_conditions: list[str] = field(default_factory=lambda: ["baseline"])
+    file_budgets: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.5])  # bits per parameter
     refine_steps: int = 0
     keep_exports: bool = False  # False: an export's weights are deleted once evaluated (bpw.json and results stay)
     analyze: list[str] = field(default_factory=lambda: ["baseline", "gap_drift"])
@@ -133,12 +138,12 @@ class SweepSpec:
             values = getattr(self, name)
             if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
                 raise SignLockConfigError(f"Sweep `{name}` must be a list of integers, got {values!r}.")
-        for name in ("budgets", "packed_budgets", "drift_lambdas", "drift_margins"):
+        for name in ("budgets", "packed_budgets", "file_budgets", "drift_lambdas", "drift_margins"):
             values = getattr(self, name)
             if not isinstance(values, list) or not all(_is_number(v) for v in values):
                 raise SignLockConfigError(f"Sweep `{name}` must be a list of numbers, got {values!r}.")
             setattr(self, name, list(dict.fromkeys(float(v) for v in values)))  # duplicates would be the same point
-        for name in ("budgets", "packed_budgets"):
+        for name in ("budgets", "packed_budgets", "file_budgets"):
             bad = [b for b in getattr(self, name) if not b > 0 or not math.isfinite(b)]
             if bad:
                 raise SignLockConfigError(f"Sweep `{name}` must hold budgets > 0 bits per weight, got {bad}.")
@@ -256,16 +261,17 @@ class RunPoint:
 
 @dataclass(frozen=True)
 class ExportPoint:
-    """One export of a run at one budget: seeded signs with coded flips, or packed 1-bit signs."""
+    """One export of a run at one budget: the block projections with seeded signs and coded flips, or packed 1-bit
+    signs (``budget`` in bits per target weight), or the whole file (``budget`` in bits per parameter)."""
 
     run: RunPoint
-    signs: str  # "seed" or "packed"
+    signs: str  # "seed", "packed" or "file"
     budget: float
 
     @property
     def id(self) -> str:
         """Folder path below ``exports/``."""
-        return f"{self.run.id}/{self.signs}-{_num(self.budget)}bpw"
+        return f"{self.run.id}/{self.signs}-{_num(self.budget)}{'bpp' if self.signs == 'file' else 'bpw'}"
 
 
 @dataclass(frozen=True)
@@ -426,11 +432,12 @@ class Sweep:
         return runs
 
     def exports(self, run: RunPoint) -> list[ExportPoint]:
-        """The exports of one run: seeded signs at every budget, packed signs for ``packed_conditions``."""
+        """The exports of one run: seeded signs at every budget, packed signs for ``packed_conditions``, the whole file
+        at every ``file_budgets``."""
         points = [ExportPoint(run, "seed", b) for b in self.spec.budgets]
         if run.condition in self.spec.packed_conditions:
             points += [ExportPoint(run, "packed", b) for b in self.spec.packed_budgets]
-        return points
+        return points + [ExportPoint(run, "file", b) for b in self.spec.file_budgets]
 
     def analyses(self) -> list[AnalysisPoint]:
         """The runs given to ``analyze``: first seed, headline setting for the drift conditions."""
@@ -642,8 +649,11 @@ class Sweep:
                   "drift_margin": point.run.drift_margin, "seed": point.run.seed, "signs": point.signs,
                   "budget": point.budget}
         try:
+            whole = point.signs == "file"  # the whole file, at bits per parameter; else the projections alone
             report = export_run(self.folder(point.run), folder, codec=self.spec.codec,
-                                codec_params=self.spec.codec_params, bits_per_weight=point.budget,
+                                codec_params=self.spec.codec_params,
+                                bits_per_weight=None if whole else point.budget,
+                                bits_per_parameter=point.budget if whole else None, target_embeddings=whole,
                                 sign_source="packed" if point.signs == "packed" else None,
                                 refine_steps=self.spec.refine_steps)
         except BudgetError as error:
@@ -789,8 +799,8 @@ def aggregate_exports(exports: list[dict]) -> list[dict]:
         row = {"setting": setting, "signs": signs, "budget": budget,
                **{k: first[k] for k in ("condition", "gap", "drift_lambda", "drift_margin")},
                "seeds": [m["seed"] for m in members], "feasible": len(ok), "infeasible": len(members) - len(ok)}
-        for metric in ("bpw", "sign_bpw", "magnitude_bpw", "other_bpw", "perplexity"):
-            row[metric] = _summary([m[metric] for m in ok])
+        for metric in ("bpw", "sign_bpw", "magnitude_bpw", "other_bpw", "bits_per_parameter", "perplexity"):
+            row[metric] = _summary([m.get(metric) for m in ok])
         rows.append(row)
     return rows
 
@@ -817,18 +827,22 @@ def sweep_table(results: dict) -> str:
                      f"{','.join(map(str, g['seeds']))} | {g['steps']} | {_cell(g['flip_rate'], '.3g')} | "
                      f"{_cell(g['perplexity'], '.2f')} | {_cell(g['geometric_tail_ratio'], '.3f')} | "
                      f"{_cell(g['near_zero_fraction'], '.3g')} |")
-    lines += ["", "## Exports", "", "Budget and bpw are total bits per target weight, everything counted (`bpw.json`).",
-              "", "| setting | signs | budget | seeds | bpw | sign bpw | perplexity |",
-              "|---|---|---:|---|---:|---:|---:|"]
+    lines += ["", "## Exports", "", "Signs `seed` and `packed`: the block projections, budget and bpw in total bits per "
+              "target weight, everything counted (`bpw.json`). Signs `file`: the whole file (embeddings and head "
+              "compressed too), budget in bits per parameter of every byte of the weight files and config; bpw is "
+              "then over all its target weights.",
+              "", "| setting | signs | budget | seeds | bpw | sign bpw | bits per parameter | perplexity |",
+              "|---|---|---:|---|---:|---:|---:|---:|"]
     for g in sorted(results["export_groups"], key=lambda g: (g["setting"], g["signs"], g["budget"])):
         if not g["feasible"]:
             lines.append(f"| {g['setting']} | {g['signs']} | {_num(g['budget'])} | {','.join(map(str, g['seeds']))} "
-                         "| infeasible | - | - |")
+                         "| infeasible | - | - | - |")
             continue
         note = f" ({g['infeasible']} infeasible)" if g["infeasible"] else ""
         seeds = ",".join(map(str, g["seeds"]))
         lines.append(f"| {g['setting']} | {g['signs']} | {_num(g['budget'])} | {seeds}{note} | "
-                     f"{_cell(g['bpw'])} | {_cell(g['sign_bpw'], '.3g')} | {_cell(g['perplexity'], '.2f')} |")
+                     f"{_cell(g['bpw'])} | {_cell(g['sign_bpw'], '.3g')} | {_cell(g.get('bits_per_parameter'))} | "
+                     f"{_cell(g['perplexity'], '.2f')} |")
     if results.get("figures"):
         lines += ["", "## Figures", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in results["figures"]]
     return "\n".join(lines) + "\n"

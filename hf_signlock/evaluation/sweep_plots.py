@@ -5,7 +5,9 @@
 - ``perplexity_vs_lambda.png``: the dense models' held-out perplexity, laid out the same way;
 - ``perplexity_vs_bpw.png``: every export's perplexity against its total bits per target weight (everything counted),
   with each family's Pareto front drawn: seeded signs + coded flips per condition (baseline = "no regulariser"),
-  and packed 1-bit signs.
+  and packed 1-bit signs;
+- ``perplexity_vs_bits_per_parameter.png``: the whole-file exports' perplexity against bits per parameter of every
+  byte of the file (embeddings, head, norms, headers and config included), one line per condition.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pathlib import Path
 
 from .figures import require_matplotlib
 
-FIGURES = ("flip_rate_vs_lambda.png", "perplexity_vs_lambda.png", "perplexity_vs_bpw.png")
+FIGURES = ("flip_rate_vs_lambda.png", "perplexity_vs_lambda.png", "perplexity_vs_bpw.png",
+           "perplexity_vs_bits_per_parameter.png")
 COLORS = {"baseline": "tab:gray", "gap": "tab:orange", "drift": "tab:blue", "gap_drift": "tab:green"}
 LABELS = {"baseline": "baseline (no gap, no drift)", "gap": "gap only", "drift": "drift only",
           "gap_drift": "gap + drift"}
@@ -95,7 +98,7 @@ def _versus_bits(plt, results: dict, path: Path) -> Path:
     headline = results["spec"]["headline"]
     families: dict[tuple[str, str], list[dict]] = {}
     for g in results["export_groups"]:
-        if g["feasible"]:
+        if g["feasible"] and g["signs"] != "file":  # whole-file exports: their own figure
             families.setdefault((g["condition"], g["signs"]), []).append(g)
     for (condition, signs), members in sorted(families.items()):
         color = COLORS[condition]
@@ -132,6 +135,36 @@ def _versus_bits(plt, results: dict, path: Path) -> Path:
     return _save(figure, axis, path)
 
 
+def _versus_file_bits(plt, results: dict, path: Path) -> Path:
+    """Perplexity of the whole-file exports against their bits per parameter, the best setting of each condition
+    per budget (its Pareto front), the dense models' perplexity beside them."""
+    figure, axis = plt.subplots(figsize=(9.6, 4.6))
+    families: dict[str, list[dict]] = {}
+    for g in results["export_groups"]:
+        if g["feasible"] and g["signs"] == "file" and g.get("bits_per_parameter"):
+            families.setdefault(g["condition"], []).append(g)
+    for condition, members in sorted(families.items()):
+        xs = [g["bits_per_parameter"]["mean"] for g in members]
+        ys = [g["perplexity"]["mean"] for g in members]
+        axis.scatter(xs, ys, color=COLORS[condition], alpha=0.35, s=14)
+        front = pareto_front(list(zip(xs, ys)))
+        axis.plot([p[0] for p in front], [p[1] for p in front], color=COLORS[condition], marker="o",
+                  label=f"{LABELS[condition]}: whole file")
+        spread = [g for g in members if g["perplexity"]["n"] > 1]
+        if spread:
+            axis.errorbar([g["bits_per_parameter"]["mean"] for g in spread],
+                          [g["perplexity"]["mean"] for g in spread], yerr=_errors([g["perplexity"] for g in spread]),
+                          fmt="none", ecolor=COLORS[condition], capsize=3)
+    axis.set_xlabel("bits per parameter of the whole file (every byte: embeddings, head, norms, headers, config)")
+    axis.set_ylabel("held-out perplexity")
+    everything = [g["perplexity"]["mean"] for members in families.values() for g in members]
+    if everything and max(everything) > 3 * min(everything):
+        axis.set_yscale("log")
+        _plain_ticks(axis)
+    axis.set_title("whole-file exports: lines: Pareto front of each condition; bars: seeds (min to max)", fontsize=8)
+    return _save(figure, axis, path)
+
+
 def plot_sweep(results: dict, output_dir: str | os.PathLike) -> list[Path]:
     """Write the sweep's figures into ``output_dir``; returns their paths (none without finished runs)."""
     plt = require_matplotlib()
@@ -144,8 +177,10 @@ def plot_sweep(results: dict, output_dir: str | os.PathLike) -> list[Path]:
         _versus_lambda(plt, groups, "flip_rate", "final flip rate vs initial signs", output_dir / FIGURES[0], True),
         _versus_lambda(plt, groups, "perplexity", "held-out perplexity (dense)", output_dir / FIGURES[1], False),
     ]
-    if any(g["feasible"] for g in results["export_groups"]):
+    if any(g["feasible"] and g["signs"] != "file" for g in results["export_groups"]):
         paths.append(_versus_bits(plt, results, output_dir / FIGURES[2]))
+    if any(g["feasible"] and g["signs"] == "file" for g in results["export_groups"]):
+        paths.append(_versus_file_bits(plt, results, output_dir / FIGURES[3]))
     return paths
 
 

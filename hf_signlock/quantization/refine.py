@@ -17,7 +17,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..signs import unpack_signs
-from .linear import SignLockLinear
+from .compressed import CompressedWeight
 from .payload import payload_digest
 
 
@@ -74,11 +74,12 @@ def train_steps(model: nn.Module, params: list[torch.Tensor], dataset, steps: in
     return losses
 
 
-def trainable_codec_tensors(model: nn.Module) -> dict[str, tuple[SignLockLinear, str, torch.dtype]]:
-    """Every floating table of the model's SignLock layers: ``name -> (layer, table, stored dtype)``."""
+def trainable_codec_tensors(model: nn.Module) -> dict[str, tuple[CompressedWeight, str, torch.dtype]]:
+    """Every floating table of the model's SignLock layers (the embedding's too): ``name -> (layer, table, stored
+    dtype)``."""
     found = {}
     for module_name, module in model.named_modules():
-        if isinstance(module, SignLockLinear):
+        if isinstance(module, CompressedWeight):
             for name, tensor in module.stored_tensors().items():  # its own tables (a shared codebook once)
                 if tensor.is_floating_point():
                     found[f"{module_name}.{name}"] = (module, name, tensor.dtype)
