@@ -42,7 +42,7 @@ from hf_signlock.text import resolve_eval_text
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from get_smollm2 import smollm2_folder  # noqa: E402
+from get_smollm2 import smollm2_folder
 
 RUNS = ROOT / "runs"
 QUICKSTART = {"quickstart": [], "quickstart, head a target": ["--target_lm_head", "true"]}
@@ -179,11 +179,11 @@ def write(result: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     lines = ["# The whole file: perplexity against bits per parameter", "",
-             "Bits per parameter: every byte of the weight files and config over the model's parameters (tied "
-             "weights once). Perplexity after `from_pretrained` of the written export, in float32; `x dense` against "
-             "the same model dense.", "",
-             "| model | method | bits per parameter | bytes | perplexity | x dense | bits per target weight | "
-             "largest parts (bytes) |", "|---|---|---|---|---|---|---|---|"]
+             ("Bits per parameter: every byte of the weight files and config over the model's parameters (tied "
+              "weights once). Perplexity after `from_pretrained` of the written export, in float32; `x dense` against "
+              "the same model dense."), "",
+             ("| model | method | bits per parameter | bytes | perplexity | x dense | bits per target weight | "
+              "largest parts (bytes) |"), "|---|---|---|---|---|---|---|---|"]
     for part in result["parts"].values():
         for r in part["rows"]:
             parts = r.get("bytes_by_part") or {}

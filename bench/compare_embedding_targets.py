@@ -42,7 +42,6 @@ def train(folder: Path, seed: int, flags: list[str]) -> None:
 
 def flips_by_kind(folder: Path) -> dict:
     """Flips against the seeded signs of the embedding, the head and the projections of the run's final model."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     from hf_signlock.signs import seeded_signs
@@ -98,8 +97,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     (out / "embedding_targets.json").write_text(json.dumps({"seeds": args.seeds, "summary": summary,
                                                             "runs": results}, indent=2))
-    rows = ["| targets | eval perplexity (per seed) | vs blocks (mean, per seed) | flip rate: projections | "
-            "embedding | head |", "|---|---|---|---|---|---|"]
+    rows = [("| targets | eval perplexity (per seed) | vs blocks (mean, per seed) | flip rate: projections | "
+             "embedding | head |"), "|---|---|---|---|---|---|"]
 
     def cells(values, fmt):
         return " / ".join(format(v, fmt) for v in values)

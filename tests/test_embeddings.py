@@ -3,13 +3,16 @@ their compressed modules (row lookups equal to the whole decode, a tied head sha
 save -> load in every form with the tie kept, the guard, the bits report and the whole-file budget."""
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from test_quantizer import CONFIGS as QUANTIZER_CONFIGS
 from test_quantizer import IDS, SEED
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.models.gemma.modeling_gemma import GemmaConfig
 
 from hf_signlock import (
@@ -30,13 +33,10 @@ from hf_signlock.quantization.layers import compressed_layers
 from hf_signlock.signs import pack_signs
 from hf_signlock.targets import find_target_modules, tied_head
 
-CONFIGS = {
-    "llama": lambda: LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=64),
+CONFIGS = {  # test_quantizer's Llama (untied head) and GPT-2 (tied, Conv1D projections), and a tied Llama
+    **QUANTIZER_CONFIGS,
     "llama-tied": lambda: LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, vocab_size=64, tie_word_embeddings=True),
-    "gpt2": lambda: GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32, bos_token_id=0,
-                               eos_token_id=0),  # tied, Conv1D projections
 }
 
 
@@ -290,3 +290,49 @@ def test_a_layer_whose_flips_would_cost_more_stores_packed_signs(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CorruptCheckpointError, match="lm_head.weight"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def _seeded_run(tmp_path, lm_head: bool) -> Path:
+    """A run folder of a seeded model whose embedding (and, with ``lm_head``, head) were targets, as the recipe's."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS["llama"]()).eval()
+    targets = apply_gap_init(model, seed=SEED, gap=0.5, embeddings=True, lm_head=lm_head)
+    with torch.no_grad():
+        for t in targets:
+            t.param.add_(torch.randn_like(t.param) * t.init_std * 0.3)
+    run = tmp_path / "run"
+    model.save_pretrained(run)
+    (run / "signlock_stats.json").write_text(json.dumps(
+        {"seed": SEED, "reference_mode": "seed", "sign_source": "seed", "template_rank": 8,
+         "target_embeddings": True, "target_lm_head": lm_head, "target_modules": [t.name for t in targets]}))
+    return run
+
+
+def test_export_cli_budgets_the_whole_file_and_leads_with_it(tmp_path, capsys):
+    from safetensors import safe_open
+
+    from hf_signlock.cli import main
+
+    run = _seeded_run(tmp_path, lm_head=False)
+    assert main(["export", str(run), str(tmp_path / "out"), "--bits_per_parameter", "6", "--codec", "vq"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    report = json.loads((tmp_path / "out" / "bpw.json").read_text())
+    checkpoint = report["checkpoint"]
+    assert checkpoint["bits_per_parameter"] <= 6.0 and report["budget"]["bits_per_parameter"] == 6.0
+    assert line.startswith(f"{tmp_path / 'out'}: {checkpoint['bytes']:,} bytes, "
+                           f"{checkpoint['bits_per_parameter']:.3f} bits per parameter")
+    assert f"dense bf16: {checkpoint['dense_bf16_bytes']:,} bytes" in line
+    # the untrained head stores packed signs; the seeded embedding coded flips; the norms are bf16
+    assert report["layers"]["lm_head.weight"]["signs"] == "packed"
+    assert report["layers"]["model.embed_tokens.weight"]["signs"] == "seed"
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as handle:
+        assert handle.get_slice("model.norm.weight").get_dtype() == "BF16"
+    assert main(["inspect", str(tmp_path / "out")]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith(f"whole file: {checkpoint['bytes']:,} bytes") and "token embedding" in shown
+    assert main(["export", str(run), str(tmp_path / "tiny"), "--bits_per_parameter", "2", "--codec", "vq",
+                 "--target_embeddings", "false"]) == 2  # the dense embeddings alone take more than 2 bits a parameter
+    assert re.search("tensors stored dense .* alone take 3.7.. bits per parameter", capsys.readouterr().err)
+    assert main(["export", str(run), str(tmp_path / "both"), "--bits_per_parameter", "6", "--bits_per_weight", "6"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert not (tmp_path / "tiny").exists() and not (tmp_path / "both").exists()

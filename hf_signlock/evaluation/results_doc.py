@@ -304,6 +304,15 @@ def _export_map(results: dict, setting: str, signs: str) -> dict[float, dict]:
     return {g["budget"]: g for g in results["export_groups"] if g["setting"] == setting and g["signs"] == signs}
 
 
+def _export_cell(group: dict | None, bits: str) -> str:
+    """A table cell for an export group: its mean ``bits`` and perplexity over the seeds, or why there is none."""
+    if group is None:
+        return "-"
+    if not group["feasible"]:
+        return "infeasible"
+    return f"{group[bits]['mean']:.3f}, {_spread(group['perplexity'], '.2f')}"
+
+
 def _noise(*summaries) -> float:
     return max((s["max"] - s["min"] for s in summaries if s), default=0.0)
 
@@ -332,15 +341,7 @@ def _question_pareto(results: dict) -> tuple[str, list[str]]:
               "|---:|---|---|---|---|"]
     outcomes = []
     for budget in sorted(set(ours) | set(theirs) | set(packed)):
-        cells = []
-        for table in (ours, theirs, packed):
-            g = table.get(budget)
-            if g is None:
-                cells.append("-")
-            elif not g["feasible"]:
-                cells.append("infeasible")
-            else:
-                cells.append(f"{g['bpw']['mean']:.3f}, {_spread(g['perplexity'], '.2f')}")
+        cells = [_export_cell(table.get(budget), "bpw") for table in (ours, theirs, packed)]
         outcome = "-"
         mine, other = ours.get(budget), theirs.get(budget)
         if mine is not None and mine["feasible"] and other is not None:
@@ -386,15 +387,7 @@ def _whole_file(results: dict) -> list[str]:
                                                           for _, label in settings) + " |",
              "|---:|" + "---|" * len(settings)]
     for budget in budgets:
-        cells = []
-        for setting, _ in settings:
-            g = tables[setting].get(budget)
-            if g is None:
-                cells.append("-")
-            elif not g["feasible"]:
-                cells.append("infeasible")
-            else:
-                cells.append(f"{g['bits_per_parameter']['mean']:.3f}, {_spread(g['perplexity'], '.2f')}")
+        cells = [_export_cell(tables[setting].get(budget), "bits_per_parameter") for setting, _ in settings]
         lines.append(f"| {budget:g} | " + " | ".join(cells) + " |")
     return lines
 

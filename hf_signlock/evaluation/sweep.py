@@ -827,10 +827,10 @@ def sweep_table(results: dict) -> str:
                      f"{','.join(map(str, g['seeds']))} | {g['steps']} | {_cell(g['flip_rate'], '.3g')} | "
                      f"{_cell(g['perplexity'], '.2f')} | {_cell(g['geometric_tail_ratio'], '.3f')} | "
                      f"{_cell(g['near_zero_fraction'], '.3g')} |")
-    lines += ["", "## Exports", "", "Signs `seed` and `packed`: the block projections, budget and bpw in total bits per "
-              "target weight, everything counted (`bpw.json`). Signs `file`: the whole file (embeddings and head "
-              "compressed too), budget in bits per parameter of every byte of the weight files and config; bpw is "
-              "then over all its target weights.",
+    lines += ["", "## Exports", "", ("Signs `seed` and `packed`: the block projections, budget and bpw in total bits per "
+                                     "target weight, everything counted (`bpw.json`). Signs `file`: the whole file "
+                                     "(embeddings and head compressed too), budget in bits per parameter of every byte "
+                                     "of the weight files and config; bpw is then over all its target weights."),
               "", "| setting | signs | budget | seeds | bpw | sign bpw | bits per parameter | perplexity |",
               "|---|---|---:|---|---:|---:|---:|---:|"]
     for g in sorted(results["export_groups"], key=lambda g: (g["setting"], g["signs"], g["budget"])):
