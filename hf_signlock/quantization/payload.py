@@ -15,8 +15,6 @@ import math
 import torch
 import xxhash
 
-from ..signs import pack_signs
-
 CHECKSUM_BYTES = 8
 
 
@@ -40,8 +38,3 @@ def payload_digest(payload: torch.Tensor) -> str:
 def bits_digest(sign_bits: torch.Tensor) -> str:
     """Checksum of bit-packed signs (``pack_signs`` layout)."""
     return xxhash.xxh3_64_hexdigest(sign_bits.detach().cpu().contiguous().numpy())
-
-
-def sign_digest(signs: torch.Tensor) -> str:
-    """Checksum of int8 signs: that of their packed bits."""
-    return bits_digest(pack_signs(signs.cpu()))

@@ -1,12 +1,12 @@
 """``quantize_model``: replace a model's target layers by compressed modules, as a ``SignLockConfig`` says.
 
 Signs first: the trained weight's sign (zero counts as +1) is stored as the flips against the seeded reference or
-the base model's signs (``base_signs.py``), or as packed bits. The budget pays every layer's signs, bias and share of
-the checkpoint's SignLock overhead (estimated from above, so the written checkpoint stays within the budget); the
-bits left are the magnitudes', the same number per weight in every layer. Then the codec plans every layer's parameters at once (a shared codebook is
-fitted over all layers) and each layer is encoded and swapped in: ``SignLockLinear`` for projections and an untied
-head, ``SignLockEmbedding`` for the token embedding (a head tied to it becomes its ``SignLockTiedHead``). The config becomes
-``model.config.quantization_config``, so ``save_pretrained`` / ``push_to_hub`` write a checkpoint that
+the base model's signs (``base_signs.py``), or as packed bits. The budget pays every layer's signs, bias and share
+of the checkpoint's SignLock overhead (estimated from above, so the written checkpoint stays within the budget); the
+bits left are the magnitudes', the same number per weight in every layer. Then the codec plans every layer's
+parameters at once (a shared codebook is fitted over all layers) and each layer is encoded and swapped in:
+``SignLockLinear`` for projections and an untied head, ``SignLockEmbedding`` for the token embedding (a head tied to
+it becomes its ``SignLockTiedHead``). The config becomes ``model.config.quantization_config``, so ``save_pretrained`` / ``push_to_hub`` write a checkpoint that
 ``from_pretrained`` loads back.
 """
 
@@ -30,7 +30,7 @@ from .config import SignLockConfig
 from .flip_coding import encode_flips
 from .layers import compressed_like, install
 from .linear import layout_of
-from .payload import CHECKSUM_BYTES, payload_digest, sign_digest
+from .payload import CHECKSUM_BYTES, bits_digest, payload_digest
 from .records import encoded_size
 
 logger = logging.get_logger(__name__)
@@ -47,8 +47,9 @@ def _sign_tensors(param_name: str, weight: torch.Tensor, config: SignLockConfig)
     flips that would take as many bytes as packed signs (a tensor not trained from the seed, such as an LM head left
     out of the drift) are stored as packed signs instead."""
     signs = torch.where(weight >= 0, 1, -1).to(torch.int8)
-    packed = ({"sign_bits": pack_signs(signs)},
-              {"flip_bytes": 0, "flips": None, "sign_checksum": sign_digest(signs), "packed_signs": True})
+    bits = pack_signs(signs)
+    checksum = bits_digest(bits)
+    packed = {"sign_bits": bits}, {"flip_bytes": 0, "flips": None, "sign_checksum": checksum, "packed_signs": True}
     if config.sign_source == "packed":
         return packed
     if config.sign_source == "base":  # the base's signs, read and checked once per export (quantize_model)
@@ -60,8 +61,7 @@ def _sign_tensors(param_name: str, weight: torch.Tensor, config: SignLockConfig)
     if len(blob) >= math.ceil(weight.numel() / 8):
         return packed
     stream = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.empty(0, dtype=torch.uint8)
-    return ({"flips": stream},
-            {"flips": len(positions), "flip_bytes": len(blob), "sign_checksum": sign_digest(signs)})
+    return {"flips": stream}, {"flips": len(positions), "flip_bytes": len(blob), "sign_checksum": checksum}
 
 
 def layer_overhead_bits(targets: dict[str, nn.Module], config: SignLockConfig, flip_bytes: dict[str, int],
