@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine: `make quickstart` (train -> export the whole model at 1 bit per parameter ->
+# Two entry points for a fresh machine: `make quickstart` (train -> export the whole model at 1.25 bits per parameter ->
 # evaluate -> analyze, on the built-in corpus) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,10 +17,10 @@ setup: $(STAMP)
 
 quickstart: setup
 	$(BIN)/hf-signlock train --config recipes/quickstart.yaml
-	$(BIN)/hf-signlock export runs/quickstart runs/quickstart-vq1 --bits_per_parameter 1.0 --refine_steps 200 --refine_loss teacher
-	$(BIN)/hf-signlock eval runs/quickstart-vq1
-	$(BIN)/hf-signlock analyze runs/quickstart-vq1 --output runs/quickstart-vq1/analysis
-	$(BIN)/hf-signlock inspect runs/quickstart-vq1
+	$(BIN)/hf-signlock export runs/quickstart runs/quickstart-export --bits_per_parameter 1.25 --refine_steps 200 --refine_loss teacher
+	$(BIN)/hf-signlock eval runs/quickstart-export
+	$(BIN)/hf-signlock analyze runs/quickstart-export --output runs/quickstart-export/analysis
+	$(BIN)/hf-signlock inspect runs/quickstart-export
 
 baseline: setup
 	$(BIN)/hf-signlock train --config recipes/baseline.yaml

@@ -63,14 +63,15 @@ def main():
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    # 65 rows of gate/up and 3 heads of 14 (42 rows) split unevenly over 2 ranks: 33 + 32, 21 + 21
+    # 65 rows of gate/up and 3 heads of 14 (42 rows) split unevenly over 2 ranks: 33 + 32, 21 + 21; the token
+    # embedding and the untied head (97 rows: 49 + 48) are targets too, sharded by the root's fully_shard
     config = LlamaConfig(hidden_size=42, intermediate_size=65, num_hidden_layers=2, num_attention_heads=3,
-                         num_key_value_heads=1, vocab_size=96)
+                         num_key_value_heads=1, vocab_size=97)
     model = AutoModelForCausalLM.from_config(config)
-    targets = apply_gap_init(model, seed=5, gap=0.5)
+    targets = apply_gap_init(model, seed=5, gap=0.5, embeddings=True)
     shard_model = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, 96, (4, 16), generator=generator) for _ in range(STEPS)]
+    batches = [torch.randint(0, 97, (4, 16), generator=generator) for _ in range(STEPS)]
 
     whole = run(model, targets, batches, sharded=False)
 

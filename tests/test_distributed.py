@@ -34,6 +34,7 @@ logging_steps: 2
 flip_tracking_steps: 2
 drift_lambda: 100.0
 gap: 0.5
+target_embeddings: true
 seed: 1
 save_strategy: "no"
 report_to: none

@@ -26,6 +26,8 @@ def test_fsdp2_shards_match_the_whole_model(tmp_path):
     # The shards really are halves (33 + 32 rows of gate_proj), not whole copies.
     assert sharded["local_shapes"]["model.layers.0.mlp.gate_proj.weight"] == [33, 42]
     assert whole["local_shapes"]["model.layers.0.mlp.gate_proj.weight"] == [65, 42]
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):  # the embedding and head as targets, 49 + 48 rows
+        assert sharded["local_shapes"][name] == [49, 42] and whole["local_shapes"][name] == [97, 42]
     assert sum(whole["flips"]) > 0  # weights did cross, so the counts are a real comparison
     assert sharded["flips"] == whole["flips"]
     assert sharded["near_zero"] == whole["near_zero"]

@@ -246,3 +246,39 @@ def test_too_old_peft_is_refused_by_name(monkeypatch):
     monkeypatch.setattr(peft, "__version__", "0.18.1")  # its custom layers get no LoraConfig: a TypeError deep inside
     with pytest.raises(MissingDependencyError, match=r"peft>=0\.19, found 0\.18\.1: pip install -U"):
         get_lora_config(r=2)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # an untied head, and a head tied to the embedding
+def test_lora_on_a_model_whose_embeddings_are_compressed(tmp_path, arch):
+    """The token embedding and head compressed too (here not seeded: packed signs): they stay frozen while adapters
+    on the projections train, and the adapter reloads and merges as on any compressed model."""
+    from hf_signlock.quantization.compressed import CompressedWeight
+    from hf_signlock.quantization.embedding import SignLockEmbedding
+
+    model = trained_model(arch, ARCH_CONFIGS[arch]())
+    quantize_model(model, SignLockConfig(seed=SEED, codec="exact", dequantize=False, target_embeddings=True))
+    model.save_pretrained(tmp_path / "compressed")
+    peft_model = get_peft_model(load_compressed(tmp_path / "compressed"),
+                                get_lora_config(r=4, lora_alpha=8, target_modules=TARGETS[arch]))
+    assert isinstance(peft_model.get_input_embeddings(), SignLockEmbedding)
+    frozen = {m.param_name: m.payload.clone() for m in peft_model.modules() if isinstance(m, CompressedWeight)}
+    data = periodic_dataset()
+    before = mean_loss(peft_model, data)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=STEPS, per_device_train_batch_size=8,
+                             learning_rate=1e-2, use_cpu=True, report_to="none", save_strategy="no",
+                             disable_tqdm=True, dataloader_pin_memory=False, seed=0)
+    Trainer(model=peft_model, args=args, train_dataset=data, data_collator=default_data_collator).train()
+    peft_model.eval()
+    assert mean_loss(peft_model, data) < before - 0.3
+    assert all(".lora_" in n for n, p in peft_model.named_parameters() if p.requires_grad)
+    after = {m.param_name: m.payload for m in peft_model.modules() if isinstance(m, CompressedWeight)}
+    assert after.keys() == frozen.keys() and all(torch.equal(after[k], frozen[k]) for k in frozen)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    logits = peft_model(IDS).logits.detach()
+    config = register_lora_modules(LoraConfig.from_pretrained(tmp_path / "adapter"))
+    reloaded = PeftModel.from_pretrained(load_compressed(tmp_path / "compressed"), tmp_path / "adapter", config=config)
+    assert torch.equal(reloaded(IDS).logits, logits)
+    merged = reloaded.merge_and_unload().dequantize()  # the embedding and head decode too, a tied head tied again
+    assert not any(isinstance(m, CompressedWeight) for m in merged.modules())
+    assert (merged.get_output_embeddings().weight is merged.get_input_embeddings().weight) is (arch == "gpt2")
+    torch.testing.assert_close(merged(IDS).logits, logits, atol=MERGE_ATOL, rtol=0)
