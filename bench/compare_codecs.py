@@ -146,8 +146,8 @@ def main(argv=None):
             row = {"codec": codec, "budget": budget}
             try:
                 model = fresh()
-                model = quantize_model(model, SignLockConfig(**signs_of_run(run, model), codec=codec,
-                                                             bits_per_weight=budget))
+                signs = {**signs_of_run(run, model), "target_embeddings": False}  # the codecs on the projections
+                model = quantize_model(model, SignLockConfig(**signs, codec=codec, bits_per_weight=budget))
             except SignLockConfigError as error:
                 rows.append({**row, "unreachable": str(error)})
                 print(codec, budget, "unreachable", flush=True)
