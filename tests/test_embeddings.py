@@ -336,3 +336,20 @@ def test_export_cli_budgets_the_whole_file_and_leads_with_it(tmp_path, capsys):
     assert main(["export", str(run), str(tmp_path / "both"), "--bits_per_parameter", "6", "--bits_per_weight", "6"]) == 2
     assert "not both" in capsys.readouterr().err
     assert not (tmp_path / "tiny").exists() and not (tmp_path / "both").exists()
+
+
+def test_the_flip_rate_of_an_export_counts_its_seeded_layers_only(tmp_path):
+    """Against the export's recorded seed: the projections and the embedding, not the head whose signs it stores
+    packed (they never followed the seed), whether the export is loaded dense or kept compressed."""
+    from hf_signlock.evaluation.references import resolve_reference
+    from hf_signlock.evaluation.sign_metrics import flip_report
+
+    run = _seeded_run(tmp_path, lm_head=False)
+    model = AutoModelForCausalLM.from_pretrained(run)
+    quantize_model(model, SignLockConfig(seed=SEED, codec="exact", target_embeddings=True))
+    model.save_pretrained(tmp_path / "out")
+    for loaded in (AutoModelForCausalLM.from_pretrained(tmp_path / "out"), AutoModelForCausalLM.from_pretrained(
+            tmp_path / "out", quantization_config=SignLockConfig(dequantize=False))):
+        report = flip_report(loaded, resolve_reference(str(tmp_path / "out"), None, loaded))
+        assert "model.embed_tokens.weight" in report["layers"] and "lm_head.weight" not in report["layers"]
+        assert report["flip_rate"] < 0.05  # the head's ~50% would dominate

@@ -56,6 +56,9 @@ class ReferenceSigns:
         lookup: ``(param_name, shape) -> tensor or None``; signs (or weights whose signs count) of that parameter.
         kind: "seed", "checkpoint", "export" or "captured".
         target_modules: the target-module patterns the signs were recorded for (None: the default targets).
+        target_embeddings: whether the token embedding and LM head are among them (an export's ``target_embeddings``).
+        skip_positions: positions, in target order, of layers without reference signs of this kind (an export's
+            ``packed_layers``: their signs were stored packed, not against the seed).
         shape_of: ``param_name -> shape or None`` without reading values (None: any shape, as seeded signs).
         seed, sign_source, template_rank: the generator's settings, for seeded references.
         argument: how error messages name where the reference came from.
@@ -63,13 +66,14 @@ class ReferenceSigns:
     """
 
     def __init__(self, description: str, lookup: Callable[[str, tuple], torch.Tensor | None], *, kind: str,
-                 target_modules: str | Sequence[str] | None = None,
-                 shape_of: Callable[[str], tuple | None] | None = None, seed: int | None = None,
-                 sign_source: str | None = None, template_rank: int | None = None, argument: str = ARGUMENT,
-                 recorded_seed: int | None = None):
+                 target_modules: str | Sequence[str] | None = None, target_embeddings: bool = False,
+                 skip_positions: Sequence[int] = (), shape_of: Callable[[str], tuple | None] | None = None,
+                 seed: int | None = None, sign_source: str | None = None, template_rank: int | None = None,
+                 argument: str = ARGUMENT, recorded_seed: int | None = None):
         self.description = description
         self.kind = kind
         self.target_modules = target_modules
+        self.target_embeddings, self.skip_positions = target_embeddings, tuple(skip_positions)
         self.seed, self.sign_source, self.template_rank = seed, sign_source, template_rank
         self.argument = argument
         self.recorded_seed = recorded_seed
@@ -214,7 +218,7 @@ def _captured_state_file(model_source: str) -> Path | None:
 
 
 def _seeded(seed: int, sign_source: str, template_rank: int, description: str, *, target_modules=None,
-            argument: str = ARGUMENT, recorded_seed: int | None = None) -> ReferenceSigns:
+            argument: str = ARGUMENT, recorded_seed: int | None = None, **targets) -> ReferenceSigns:
     check_seed(seed)
     if sign_source not in ("seed", "template"):
         raise SignLockConfigError(f"{argument}: sign source {sign_source!r} has no seeded signs; use 'seed' or "
@@ -222,7 +226,7 @@ def _seeded(seed: int, sign_source: str, template_rank: int, description: str, *
     return ReferenceSigns(
         description, lambda name, shape: reference_signs(seed, name, shape, sign_source, template_rank),
         kind="seed", target_modules=target_modules, seed=seed, sign_source=sign_source, template_rank=template_rank,
-        argument=argument, recorded_seed=recorded_seed)
+        argument=argument, recorded_seed=recorded_seed, **targets)
 
 
 class _TensorFiles:
@@ -379,7 +383,8 @@ def _recorded(model_source: str, argument: str) -> ReferenceSigns | None:
         return _seeded(seed, quantization["sign_source"], quantization.get("template_rank", 8),
                        f"seed {seed} ({quantization['sign_source']} signs) recorded in the export's config.json: "
                        "its coded flips", target_modules=quantization.get("target_modules"), argument=argument,
-                       recorded_seed=seed)
+                       recorded_seed=seed, target_embeddings=bool(quantization.get("target_embeddings")),
+                       skip_positions=quantization.get("packed_layers") or ())
     stats, stats_file = training_statistics(model_source)
     path = Path(model_source)
     meta = _state_metadata(path) if path.is_dir() and (path / STATE_NAME).is_file() else None

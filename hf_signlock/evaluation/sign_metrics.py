@@ -179,16 +179,20 @@ def rank_error(matrix: torch.Tensor, rank: int) -> float:
 def target_weights(model, reference=None, patterns: str | Sequence[str] | None = None) -> dict:
     """``param_name -> module`` (with a ``.weight``) of the layers compared with ``reference`` (a
     ``ReferenceSigns``): a compressed model's SignLock layers, else the modules ``patterns`` name, else those the
-    reference was recorded for, else every projection inside the transformer blocks."""
+    reference was recorded for (an export's embedding and head included, its layers with packed signs left out),
+    else every projection inside the transformer blocks."""
     from ..quantization.layers import compressed_layers
     from ..targets import find_target_modules
 
+    skip = reference.skip_positions if reference is not None and patterns is None else ()
     layers = compressed_layers(model)
     if layers and patterns is None:
-        return {layer.param_name: layer for layer in layers.values()}
+        return {layer.param_name: layer for i, layer in enumerate(layers.values()) if i not in skip}
+    embeddings = False
     if patterns is None and reference is not None:
-        patterns = reference.target_modules
-    return {f"{name}.weight": module for name, module in find_target_modules(model, patterns).items()}
+        patterns, embeddings = reference.target_modules, reference.target_embeddings
+    targets = find_target_modules(model, patterns, embeddings)
+    return {f"{name}.weight": module for i, (name, module) in enumerate(targets.items()) if i not in skip}
 
 
 def flip_report(model, reference) -> dict:
