@@ -353,3 +353,27 @@ def test_the_flip_rate_of_an_export_counts_its_seeded_layers_only(tmp_path):
         report = flip_report(loaded, resolve_reference(str(tmp_path / "out"), None, loaded))
         assert "model.embed_tokens.weight" in report["layers"] and "lm_head.weight" not in report["layers"]
         assert report["flip_rate"] < 0.05  # the head's ~50% would dominate
+
+
+def test_pipeline_runs_on_an_export_with_compressed_embeddings(tmp_path):
+    from transformers import pipeline
+
+    from hf_signlock.data import train_tokenizer
+
+    tokenizer = train_tokenizer(["to be or not to be, that is the question"] * 20, 300)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    apply_gap_init(model, seed=SEED, gap=0.5, embeddings=True)
+    quantize_model(model, SignLockConfig(seed=SEED, codec="exact", target_embeddings=True))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    expected = model.generate(tokenizer("to be or", return_tensors="pt").input_ids, max_new_tokens=4, do_sample=False)
+    for dequantize in (True, False):
+        generator = pipeline("text-generation", model=AutoModelForCausalLM.from_pretrained(
+            tmp_path, quantization_config=SignLockConfig(dequantize=dequantize)), tokenizer=tokenizer)
+        text = generator("to be or", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+        assert text == tokenizer.decode(expected[0], skip_special_tokens=True)
