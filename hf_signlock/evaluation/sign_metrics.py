@@ -201,11 +201,12 @@ def flip_report(model, reference) -> dict:
     Returns ``flip_rate`` (flips / weights), ``flips``, ``weights`` (target weights compared), ``reference`` (its
     description) and ``layers`` (``{param_name: flip_rate}``). The targets are the reference's recorded ones, else
     every projection in the transformer blocks; compressed SignLock layers are decoded one at a time. With
-    ``reference=None`` (nothing recorded, none given) the rates are None.
+    ``reference=None`` (nothing recorded, none given), or no layer with signs of that kind (an export that stores
+    every layer's signs packed), the rates are None.
     """
     targets = target_weights(model, reference)
     weights = sum(math.prod(module.weight.shape) for module in targets.values())
-    if reference is None:
+    if reference is None or not weights:
         return {"flip_rate": None, "flips": None, "weights": weights, "reference": None, "layers": {}}
     flips, layers = 0, {}
     with torch.no_grad():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .reference import SignReference
-from .sharding import all_reduce_sum, local_part
+from .sharding import all_reduce_sum, local_part, process_count
 
 
 class _MarginHingeSum(torch.autograd.Function):
@@ -50,9 +50,20 @@ def outward_drift(reference: SignReference, margin: float) -> torch.Tensor:
     """
     targets = reference.targets
     parts = [local_part(t.name, t.param) for t in targets]
-    thresholds = tuple(margin * reference.sigma(t) for t in targets)
-    signs = tuple(reference.signs(t, part) for t, part in zip(targets, parts))
-    total = _MarginHingeSum.apply(thresholds, signs, *(part.tensor for part in parts))
+    total = None
+    for sharded in (True, False):
+        chosen = [(t, part) for t, part in zip(targets, parts) if part.sharded is sharded]
+        if not chosen:
+            continue
+        thresholds = tuple(margin * reference.sigma(t) for t, _ in chosen)
+        signs = tuple(reference.signs(t, part) for t, part in chosen)
+        value = _MarginHingeSum.apply(thresholds, signs, *(part.tensor for _, part in chosen))
+        if not sharded and total is not None:
+            # Beside row shards, a whole tensor is one that FSDP2 unsharded for the forward pass (the root's
+            # embedding and head, which it reshards only after backward): every process holds all of it. Its
+            # gradient stays whole (FSDP averages it over the processes), its value counts once in the sum over them.
+            value = value + (value / process_count() - value).detach()
+        total = value if total is None else total + value
     return total / sum(t.param.numel() for t in targets)
 
 
