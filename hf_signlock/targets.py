@@ -19,6 +19,7 @@ Training and export both select their targets here, so a checkpoint's layers are
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 
@@ -36,8 +37,93 @@ def _in_repeated_block(module_name: str) -> bool:
 
 def _matches(module_name: str, patterns: str | Sequence[str]) -> bool:
     if isinstance(patterns, str):
-        return re.fullmatch(patterns, module_name) is not None
+        return safe_pattern(patterns).fullmatch(module_name) is not None
     return any(module_name == p or module_name.endswith("." + p) for p in patterns)
+
+
+try:  # the parser re itself uses (re._parser from Python 3.11, sre_parse before)
+    from re import _constants as _sre_constants
+    from re import _parser as _sre_parser
+except ImportError:  # pragma: no cover (Python 3.10)
+    import sre_constants as _sre_constants
+    import sre_parse as _sre_parser
+
+_REPEATS = tuple(getattr(_sre_constants, name) for name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")
+                 if hasattr(_sre_constants, name))
+MAX_PATTERN_LENGTH = 1000
+MAX_REPEATS = 4
+
+
+@functools.lru_cache(maxsize=64)
+def safe_pattern(pattern: str) -> re.Pattern:
+    """``pattern`` compiled, if it matches in time linear in the name: a pattern read from a config file is input,
+    and a nested repetition such as ``(a+)+$`` backtracks for hours on one module name. Refused: repetition of
+    something that itself repeats or branches, backreferences, lookarounds, patterns over 1000 characters. What
+    target patterns need (``.*``, ``\\d+``, alternatives of names, ``[^.]+``) passes."""
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise SignLockConfigError(f"`target_modules` is a {len(pattern):,}-character pattern; give at most "
+                                  f"{MAX_PATTERN_LENGTH}, or a list of module names.")
+    try:
+        compiled = re.compile(pattern)
+        tree = _sre_parser.parse(pattern)
+    except (re.error, RecursionError, OverflowError) as error:
+        raise SignLockConfigError(f"`target_modules` {pattern!r:.200} is not a regular expression ({error}); give a "
+                                  "valid one, or a list of module names.") from None
+    problem = _backtracking_risk(tree, inside_repeat=False)
+    if not problem and _repeat_count(tree) > MAX_REPEATS:  # side by side, k of them still backtrack as n ** k
+        problem = f"has more than {MAX_REPEATS} repetitions"
+    if problem:
+        raise SignLockConfigError(
+            f"`target_modules` {pattern!r:.200} {problem}, which can take hours to match one name; rewrite it "
+            "without nesting (e.g. r'.*\\.(q_proj|v_proj)'), or give a list of module names."
+        )
+    return compiled
+
+
+def _repeat_count(tree) -> int:
+    """Unbounded or ranged repetitions anywhere in the parsed pattern ``tree``."""
+    count = 0
+    for op, value in tree:
+        if op in _REPEATS:
+            count += (value[0] != value[1]) + _repeat_count(value[2])
+        elif op == _sre_constants.SUBPATTERN:
+            count += _repeat_count(value[-1])
+        elif op == _sre_constants.BRANCH:
+            count += max(_repeat_count(branch) for branch in value[1])
+    return count
+
+
+def _backtracking_risk(tree, inside_repeat: bool) -> str | None:
+    """Why the parsed pattern ``tree`` may backtrack exponentially, or None."""
+    constants = _sre_constants
+    for op, value in tree:
+        if op in (constants.GROUPREF, constants.GROUPREF_EXISTS):
+            return "uses a backreference"
+        if op in (constants.ASSERT, constants.ASSERT_NOT):
+            return "uses a lookaround"
+        if op in _REPEATS:
+            low, high, body = value
+            if inside_repeat and high != low:
+                return "repeats a repetition"
+            problem = _backtracking_risk(body, inside_repeat or high > 1)
+            if problem:
+                return problem
+        elif op == constants.BRANCH:
+            if inside_repeat:
+                return "repeats a group of alternatives"
+            for branch in value[1]:
+                problem = _backtracking_risk(branch, inside_repeat)
+                if problem:
+                    return problem
+        elif op == constants.SUBPATTERN:
+            problem = _backtracking_risk(value[-1], inside_repeat)
+            if problem:
+                return problem
+        elif op == getattr(constants, "ATOMIC_GROUP", None):
+            problem = _backtracking_risk(value, inside_repeat)
+            if problem:
+                return problem
+    return None
 
 
 def _embedding_modules(model: nn.Module, embedding_target: bool, head_target: bool) -> dict[int, nn.Module]:

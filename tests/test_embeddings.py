@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_edits import edit_quantization_config
 from test_quantizer import CONFIGS as QUANTIZER_CONFIGS
 from test_quantizer import IDS, SEED
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -214,9 +215,9 @@ def test_an_older_format_without_embeddings_still_loads_and_a_newer_one_is_refus
     config["quantization_config"].pop("target_embeddings")
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(IDS).logits, model(IDS).logits)
-    config["quantization_config"]["format_version"] = 6
+    config["quantization_config"]["format_version"] = 7
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(SignLockConfigError, match="format version 6.*reads versions 4, 5"):
+    with pytest.raises(SignLockConfigError, match="format version 7.*reads versions 4, 5, 6"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
@@ -285,9 +286,10 @@ def test_a_layer_whose_flips_would_cost_more_stores_packed_signs(tmp_path):
     assert report["layers"]["lm_head.weight"]["signs"] == "packed"
     assert report["layers"]["lm_head.weight"]["sign_bits"] == 64 * 32
     assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(IDS).logits, dense)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config["quantization_config"]["packed_layers"] = None  # the layer then expects coded flips: sizes disagree
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    edit_quantization_config(tmp_path, lambda q: q.update(packed_layers=None), reseal=False)
+    with pytest.raises(CorruptCheckpointError, match="checksum differs"):  # the config checksum covers the list
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    edit_quantization_config(tmp_path, lambda q: None)  # sealed again: the layer then expects coded flips
     with pytest.raises(CorruptCheckpointError, match="lm_head.weight"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 

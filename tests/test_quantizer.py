@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from checkpoint_edits import edit_quantization_config
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig
 
@@ -95,11 +96,10 @@ def _export(tmp_path, **overrides):
     return tmp_path
 
 
-def _edit_config(folder, edit):
-    path = folder / "config.json"
-    config = json.loads(path.read_text())
-    edit(config["quantization_config"])
-    path.write_text(json.dumps(config))
+def _edit_config(folder, edit, reseal=True):
+    """Edit the export's quantization_config; resealed (as a forger would) unless asked not to, so the checks behind
+    the config checksum are reached."""
+    edit_quantization_config(folder, edit, reseal)
 
 
 def test_wrong_seed_is_refused(tmp_path):
@@ -113,11 +113,11 @@ def _edit_records(folder, edit):
     """Decode the layer records of ``folder``'s config, ``edit`` them (a dict by parameter name), store them back."""
     def rewrite(q):
         config = SignLockConfig.from_dict(q)
-        names = [f"{name}.weight" for name in find_target_modules(AutoModelForCausalLM.from_config(
-            AutoConfig.from_pretrained(folder)), config.target_modules)]
-        records = config.layer_records(names)
+        shapes = {f"{name}.weight": tuple(module.weight.shape) for name, module in find_target_modules(
+            AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)), config.target_modules).items()}
+        records = config.layer_records(list(shapes))
         edit(records)
-        config.set_layer_records(records)
+        config.set_layer_records(records, shapes)
         q.update(layers=config.layers)
     _edit_config(folder, rewrite)
 
@@ -219,7 +219,7 @@ def test_truncated_payload_is_refused_before_loading(tmp_path):
 ])
 def test_unknown_format_or_codec_is_refused(tmp_path, edit, message):
     folder = _export(tmp_path)
-    _edit_config(folder, edit)
+    _edit_config(folder, edit, reseal=False)
     with pytest.raises(SignLockConfigError, match=message):
         AutoModelForCausalLM.from_pretrained(folder)
 

@@ -26,14 +26,15 @@ import struct
 from pathlib import Path
 
 import torch
+import xxhash
 
 from ..constants import BPW_NAME
-from ..errors import SignLockError
+from ..errors import CorruptCheckpointError, SignLockError
 from ..targets import find_target_modules
 from .codecs import make_codec
 from .config import SignLockConfig
 from .flip_coding import flip_count
-from .guard import GUARD_KEY
+from .guard import GUARD_CHECKSUM_BYTES, GUARD_KEY
 from .layers import compressed_like
 from .records import encoded_size
 
@@ -63,23 +64,43 @@ def signlock_overhead_bytes(quantization_config: dict, first_target: str, offset
     records, and the guard tensors (data and header entries)."""
     config_bytes = config_entry_bytes("quantization_config", quantization_config) - len(quantization_config["layers"])
     offset = 10 ** (offset_digits - 1)
-    guards = sum(1 + header_entry_bytes(key, "U8", [1], offset, offset + 1) for key in (first_target, GUARD_KEY))
+    guards = sum(size + header_entry_bytes(key, "U8", [size], offset, offset + size)
+                 for key, size in ((first_target, 1), (GUARD_KEY, GUARD_CHECKSUM_BYTES)))
     return config_bytes + guards
+
+
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
 
 
 def read_safetensors_headers(folder: Path) -> tuple[dict[str, dict], int]:
     """Every tensor's header entry of the folder's weight files (with the file and where its data starts), and the
-    files' total size."""
+    files' total size. A file whose header does not parse, or whose tensors do not fill it exactly (truncated,
+    padded, overlapping), is a ``CorruptCheckpointError`` naming it."""
     entries, total = {}, 0
     for path in sorted(folder.glob("*.safetensors")):
-        with open(path, "rb") as handle:
-            length = struct.unpack("<Q", handle.read(8))[0]
-            header = json.loads(handle.read(length))
-        header.pop("__metadata__", None)
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as handle:
+                length = struct.unpack("<Q", handle.read(8))[0]
+                if length > min(size - 8, MAX_HEADER_BYTES):
+                    raise ValueError(f"a {length:,}-byte header in a {size:,}-byte file")
+                header = json.loads(handle.read(length))
+            header.pop("__metadata__", None)
+            spans = sorted((tuple(entry["data_offsets"]), key) for key, entry in header.items())
+            end = 0
+            for (begin, stop), key in spans:
+                if not (isinstance(begin, int) and isinstance(stop, int) and begin == end <= stop):
+                    raise ValueError(f"`{key}` has data offsets {[begin, stop]} (gap, overlap or reversed)")
+                end = stop
+            if 8 + length + end != size:
+                raise ValueError(f"its tensors end at byte {8 + length + end:,}, the file has {size:,}")
+        except (struct.error, ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as error:
+            raise CorruptCheckpointError(f"{path} is not a valid safetensors file ({error}): truncated, or edited. "
+                                         "Download or export it again.") from None
         for entry in header.values():
             entry["file"], entry["data_start"] = path, 8 + length + entry["data_offsets"][0]
         entries.update(header)
-        total += path.stat().st_size
+        total += size
     return entries, total
 
 
@@ -92,28 +113,54 @@ def _data_bytes(entry: dict) -> int:
     return end - begin
 
 
+MAX_CONFIG_BYTES = 16 << 20  # a config.json with its layer records is kilobytes; a larger one is not ours
+
+
+def read_config(folder: Path) -> dict:
+    """``folder/config.json`` as a dict ({} when there is none); one that is too large, not JSON, or not an object
+    is a ``CorruptCheckpointError`` naming it."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ValueError(f"{path.stat().st_size:,} bytes")
+        config = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        raise CorruptCheckpointError(f"{path} cannot be read as a model config ({error}).") from None
+    if not isinstance(config, dict):
+        raise CorruptCheckpointError(f"{path} holds a JSON {type(config).__name__}, not a model config object.")
+    return config
+
+
 def _meta_model(folder: Path, config: dict):
     """The model of ``folder``, built on the meta device from its config (no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model_config = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "quantization_config"})
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_config)
+    try:
+        model_config = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "quantization_config"})
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(model_config)
+    except (KeyError, ValueError, TypeError, AttributeError, OverflowError) as error:
+        raise CorruptCheckpointError(f"{folder}/config.json does not describe a causal LM transformers can build "
+                                     f"({type(error).__name__}: {str(error)[:200]})") from None
 
 
 def checkpoint_report(folder: str | os.PathLike) -> dict:
     """Bits of every target layer of the SignLock checkpoint in ``folder`` and of the whole checkpoint."""
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-    if config.get("quantization_config", {}).get("quant_method") != "signlock":
+    config = read_config(folder)
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != "signlock":
         raise SignLockError(f"{folder} is not a SignLock checkpoint (its config.json has no signlock "
                             "quantization_config): export one with `hf-signlock export RUN_DIR OUT_DIR`.")
-    qc = config["quantization_config"]
     signlock = SignLockConfig.from_dict(qc)
     model = _meta_model(folder, config)
     targets = find_target_modules(model, signlock.target_modules, signlock.target_embeddings)
     embedding_kinds = _embedding_kinds(model) if signlock.target_embeddings else {}
-    records = signlock.layer_records([f"{name}.weight" for name in targets])
+    shapes = {f"{name}.weight": tuple(module.weight.shape) for name, module in targets.items()}
+    records = signlock.layer_records(list(shapes))
+    signlock.check_checksum(shapes)
     entries, weight_file_bytes = read_safetensors_headers(folder)
     codec = make_codec(signlock.codec, signlock.codec_params)
     record_chars = {name: encoded_size(record, codec) for name, record in records.items()}
@@ -141,6 +188,7 @@ def checkpoint_report(folder: str | os.PathLike) -> dict:
         missing = [key for key in own_keys if key not in entries]
         if missing:
             raise SignLockError(f"{folder}: the weight files have no {missing[0]} tensor")
+        _check_payload(param_name, layer, record, entries[own_keys[0]])
         bias_bytes = _data_bytes(entries[own_keys[-1]]) if has_bias else 0
         other = (bias_bytes + sum(_entry_bytes(key, entries[key]) for key in own_keys)
                  + record_chars[param_name] + shared * weights / total_weights)
@@ -194,6 +242,21 @@ def _embedding_kinds(model) -> dict[int, str]:
     if head is not None:
         kinds.setdefault(id(head), "head")
     return kinds
+
+
+def _check_payload(param_name: str, layer, record: dict, entry: dict) -> None:
+    """The stored payload has the size the record gives and the bytes export wrote (its checksum)."""
+    size = sum(nbytes for _, nbytes, _, _ in layer.sections.values())
+    if entry.get("dtype") != "U8" or entry.get("shape") != [size]:
+        raise CorruptCheckpointError(f"{param_name}: the stored payload is {entry.get('dtype')} "
+                                     f"{entry.get('shape')}, the layer record needs U8 [{size}]")
+    with open(entry["file"], "rb") as handle:
+        handle.seek(entry["data_start"])
+        digest = xxhash.xxh3_64(f"payload|{size}|".encode())  # as payload_digest
+        digest.update(handle.read(size))
+    if digest.hexdigest() != record["stored_checksum"]:
+        raise CorruptCheckpointError(f"{param_name}: the stored payload does not match the checksum recorded at "
+                                     "export (corrupted or truncated file, or a tensor from another checkpoint)")
 
 
 def _stored_flips(layer, payload_entry: dict) -> int | None:

@@ -51,13 +51,23 @@ class CompressedWeight(nn.Module):
         self.codec_params = record["codec_params"]
         # a layer whose flips would cost more than its signs stores them packed, whatever the config's source
         self.sign_source = "packed" if record.get("packed_signs") else config.sign_source
+        numel = math.prod(self.shape)
+        if self.sign_source == "template" and config.template_rank > min(self.shape):
+            raise CorruptCheckpointError(f"{param_name}: template_rank {config.template_rank} exceeds the layer's "
+                                         f"smaller side ({min(self.shape)})")
+        if record["flip_bytes"] > _max_stored_bytes(numel):
+            raise CorruptCheckpointError(f"{param_name}: its record names a {record['flip_bytes']:,}-byte flip stream "
+                                         f"for {numel:,} signs")
         specs = self.codec.stored_specs(self.shape, getattr(torch, config.dtype or "float32"), self.codec_params)
         if self.sign_source == "packed":
-            specs["sign_bits"] = ((math.ceil(math.prod(self.shape) / 8),), torch.uint8)
+            specs["sign_bits"] = ((math.ceil(numel / 8),), torch.uint8)
         else:
             specs["flips"] = ((record["flip_bytes"],), torch.uint8)
         self.sections = payload_layout(specs)
         size = sum(nbytes for _, nbytes, _, _ in self.sections.values())
+        if size > _max_stored_bytes(numel):  # checked before anything is allocated (record values may be crafted)
+            raise CorruptCheckpointError(f"{param_name}: its record ({self.codec_params}) gives a {size:,}-byte "
+                                         f"payload for {numel:,} weights; no codec stores that much")
         self.register_buffer("payload", torch.zeros(size, dtype=torch.uint8, device=device), persistent=True)
         self._views = (None, {})  # (the payload they view, name -> typed view); see stored_tensors
         self._memo = (None, None)  # (key, weakref to the last decoded weight); see decoded
@@ -160,6 +170,10 @@ class CompressedWeight(nn.Module):
         are checked against their own."""
         if not payload_checked:
             self.check_payload()
+        for name, table in self.magnitude_tensors().items():  # the only floats a weight is made from
+            if table.is_floating_point() and not torch.isfinite(table).all():
+                raise CorruptCheckpointError(f"{self.param_name}: its stored `{name}` holds NaN or infinite values, "
+                                             "which export never writes (a corrupted or edited file)")
         sign_bits = self.packed_signs()
         if self.sign_source != "packed" and bits_digest(sign_bits) != self.record["sign_checksum"]:
             if self.sign_source == "base":
@@ -209,6 +223,12 @@ class CompressedWeight(nn.Module):
     def dense(self, sign_bits: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> nn.Module:
         """The plain module this layer stands for, holding its decoded weight."""
         raise NotImplementedError
+
+
+def _max_stored_bytes(numel: int) -> int:
+    """More than any layer of ``numel`` weights stores (float32 magnitudes with packed signs are 4.125 bytes a
+    weight; tiny layers carry tables of their own)."""
+    return 8 * numel + (1 << 16)
 
 
 def link_shared_tables(layers) -> None:

@@ -10,17 +10,27 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from typing import Any
 
+import xxhash
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..constants import EXPORT_FORMAT_VERSION, QUANT_METHOD, READABLE_EXPORT_FORMATS
+from ..constants import CHECKSUMMED_FORMAT, EXPORT_FORMAT_VERSION, QUANT_METHOD, READABLE_EXPORT_FORMATS
 from ..errors import CorruptCheckpointError, SignLockConfigError
 from ..signs import check_seed
 from .codecs import CODECS, DEFAULT_CODEC, make_codec
 from .records import decode_records, encode_records, targets_checksum
 
 SIGN_SOURCES = ("seed", "template", "packed", "base")
+DTYPES = ("float32", "bfloat16", "float16")
+MAX_TEMPLATE_RANK = 4096  # a template is a low-rank sign pattern; a layer's own shape bounds it further at load
+# Every field that decides how a checkpoint's bytes decode: the config checksum covers them (with the targets'
+# shapes). Loading attributes (dequantize, where the base model is found) are left out: a user may change them.
+DECODING_FIELDS = ("format_version", "seed", "sign_source", "template_rank", "target_modules", "target_embeddings",
+                   "codec", "codec_params", "bits_per_weight", "layers", "targets_checksum", "packed_layers", "dtype",
+                   "base_signs_checksum")
+_CODEC_PARAM_TYPES = {"bits": int, "group": int, "rank": int, "iterations": int, "row_scales": str, "shared": bool}
 DEFAULT_BITS_PER_WEIGHT = 1.0  # the budget of codecs that fit one, when none is given (CLI and Python alike)
 
 
@@ -52,10 +62,11 @@ class SignLockConfig(QuantizationConfigMixin):
             each forward (save_pretrained writes the same bytes back). None (default): dense when loading a SignLock
             checkpoint, compressed when quantizing a dense model on load. A loading attribute: a checkpoint's
             config is overridden by ``from_pretrained(repo, quantization_config=SignLockConfig(dequantize=...))``.
-        layers, targets_checksum, packed_layers, dtype, base_signs_checksum: written by export (compact layer
-            records, the checksum of the target names, the positions in target order of the layers whose signs are
-            stored packed because their flips would cost more, the dtype of stored biases, the checksum of the base's
-            signs); never set by hand.
+        layers, targets_checksum, packed_layers, dtype, base_signs_checksum, config_checksum: written by export
+            (compact layer records, the checksum of the target names, the positions in target order of the layers
+            whose signs are stored packed because their flips would cost more, the dtype of stored biases, the
+            checksum of the base's signs, a checksum of every field that decides how the bytes decode and of the
+            targets' shapes, which loading checks first); never set by hand.
     """
 
     def __init__(self, seed: int | None = None, sign_source: str = "seed", template_rank: int = 8,
@@ -65,7 +76,8 @@ class SignLockConfig(QuantizationConfigMixin):
                  dequantize: bool | None = None, layers: str | None = None, targets_checksum: str | None = None,
                  packed_layers: list[int] | None = None,
                  dtype: str | None = None, base_model: str | None = None, base_revision: str | None = None,
-                 base_signs_checksum: str | None = None, format_version: int = EXPORT_FORMAT_VERSION, **kwargs):
+                 base_signs_checksum: str | None = None, config_checksum: str | None = None,
+                 format_version: int = EXPORT_FORMAT_VERSION, **kwargs):
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.seed = seed
@@ -81,12 +93,53 @@ class SignLockConfig(QuantizationConfigMixin):
         self.targets_checksum = targets_checksum
         self.packed_layers = packed_layers
         self.dtype = dtype
-        self.base_model = None if base_model is None else str(base_model)  # a Path is accepted; JSON keeps a str
+        # a Path is accepted; JSON keeps a str (anything else is refused by post_init)
+        self.base_model = str(base_model) if hasattr(base_model, "__fspath__") else base_model
         self.base_revision = base_revision
         self.base_signs_checksum = base_signs_checksum
+        self.config_checksum = config_checksum
         self.post_init()
 
+    def _check_types(self):
+        """Every field of the right JSON type and range before anything uses it: a config.json may be crafted."""
+        def refuse(field, expected):
+            raise SignLockConfigError(f"quantization_config `{field}` must be {expected}, got "
+                                      f"{getattr(self, field)!r:.200}. A config.json written by export is never so: "
+                                      "export the model again, or fix the field.")
+        if isinstance(self.format_version, bool) or not isinstance(self.format_version, int):
+            refuse("format_version", "an integer")
+        for field in ("codec", "sign_source"):
+            if not isinstance(getattr(self, field), str):
+                refuse(field, "a string")
+        for field in ("layers", "targets_checksum", "dtype", "base_model", "base_revision", "base_signs_checksum",
+                      "config_checksum"):
+            if getattr(self, field) is not None and not isinstance(getattr(self, field), str):
+                refuse(field, "a string or null")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            refuse("dtype", f"one of {DTYPES} or null")
+        if isinstance(self.template_rank, bool) or not isinstance(self.template_rank, int) or not (
+                1 <= self.template_rank <= MAX_TEMPLATE_RANK):
+            refuse("template_rank", f"an integer from 1 to {MAX_TEMPLATE_RANK}")
+        modules = self.target_modules
+        if not (modules is None or isinstance(modules, str) or (
+                isinstance(modules, (list, tuple)) and all(isinstance(m, str) for m in modules))):
+            refuse("target_modules", "null, a regular expression or a list of module names")
+        if not isinstance(self.codec_params, dict):
+            refuse("codec_params", "an object of codec parameters")
+        for name, value in self.codec_params.items():
+            kind = _CODEC_PARAM_TYPES.get(name)
+            wrong = kind is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool)))
+            if wrong or (kind is int and not 1 <= value <= 1 << 24):
+                raise SignLockConfigError(
+                    f"codec parameter `{name}` must be {'a whole number from 1 to 2**24' if kind is int else kind.__name__}"
+                    f", got {value!r:.100}, e.g. codec_params={{\"bits\": 8, \"group\": 16}}.")
+        bits = self.bits_per_weight
+        if bits is not None and (isinstance(bits, bool) or not isinstance(bits, (int, float)) or not math.isfinite(bits)
+                                 or bits <= 0):
+            refuse("bits_per_weight", "a finite number > 0 or null")
+
     def post_init(self):
+        self._check_types()
         if self.format_version not in READABLE_EXPORT_FORMATS:
             raise SignLockConfigError(
                 f"This checkpoint uses SignLock format version {self.format_version}; this hf_signlock reads versions "
@@ -97,8 +150,6 @@ class SignLockConfig(QuantizationConfigMixin):
             raise SignLockConfigError(f"`sign_source` must be one of {SIGN_SOURCES}, got {self.sign_source!r}.")
         if self.codec not in CODECS:
             raise SignLockConfigError(f"`codec` must be one of {tuple(CODECS)}, got {self.codec!r}.")
-        if self.bits_per_weight is not None and not self.bits_per_weight > 0:
-            raise SignLockConfigError(f"`bits_per_weight` must be > 0, got {self.bits_per_weight}.")
         if self.target_embeddings not in (True, False):
             raise SignLockConfigError(f"`target_embeddings` must be True or False, got {self.target_embeddings!r}.")
         if self.packed_layers is not None and not (
@@ -109,8 +160,6 @@ class SignLockConfig(QuantizationConfigMixin):
                                       f"{self.format_version}. Export the model again.")
         if self.dequantize not in (None, True, False):
             raise SignLockConfigError(f"`dequantize` must be True, False or None, got {self.dequantize!r}.")
-        if self.template_rank < 1:
-            raise SignLockConfigError(f"`template_rank` must be >= 1, got {self.template_rank}.")
         make_codec(self.codec, self.codec_params)  # unknown codec parameters are refused here, not at export
         if self.sign_source == "base" and not self.base_model:
             raise SignLockConfigError(
@@ -146,12 +195,39 @@ class SignLockConfig(QuantizationConfigMixin):
 
     # --- layer records ----------------------------------------------------------------------------------------------
 
-    def set_layer_records(self, records: dict[str, dict]) -> None:
-        """Store the records of the target layers (``param_name -> record``, in target order)."""
+    def set_layer_records(self, records: dict[str, dict], shapes: dict[str, tuple[int, ...]]) -> None:
+        """Store the records of the target layers (``param_name -> record``, in target order) and seal the config:
+        ``config_checksum`` over every decoding field and the targets' ``shapes`` (``param_name -> shape``)."""
         self.layers = encode_records(list(records.values()), make_codec(self.codec, self.codec_params))
         self.targets_checksum = targets_checksum(list(records))
         packed = [i for i, record in enumerate(records.values()) if record.get("packed_signs")]
         self.packed_layers = packed if packed and self.sign_source != "packed" else None
+        self.format_version = EXPORT_FORMAT_VERSION  # what it writes now is sealed, whatever it was loaded from
+        self.config_checksum = self.decoding_checksum(shapes)
+
+    def decoding_checksum(self, shapes: dict[str, tuple[int, ...]]) -> str:
+        """Checksum of every field that decides how the checkpoint's bytes decode (``DECODING_FIELDS``: codec and
+        its parameters, records, sign source, format version, ...) and of the target weights' names and shapes."""
+        fields = {name: getattr(self, name) for name in DECODING_FIELDS}
+        text = json.dumps([fields, [[name, list(shape)] for name, shape in shapes.items()]], sort_keys=True,
+                          separators=(",", ":"))
+        return xxhash.xxh3_64_hexdigest(text.encode())
+
+    def check_checksum(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Refuse a checkpoint config whose decoding fields or target shapes are not those export sealed (an edited
+        or corrupted config.json, or the config of another model). Formats before 6 carry no checksum."""
+        if self.format_version < CHECKSUMMED_FORMAT:
+            return
+        if self.config_checksum is None:
+            raise CorruptCheckpointError("this SignLock config has no `config_checksum` (format 6 seals every field "
+                                         "that decides how the weights decode): config.json was edited. Export the "
+                                         "model again.")
+        if self.decoding_checksum(shapes) != self.config_checksum:
+            raise CorruptCheckpointError(
+                "the SignLock quantization_config or the model's shapes are not those the checkpoint was exported with "
+                "(their checksum differs): config.json was edited or corrupted, or belongs to another model. Nothing "
+                "was decoded; export the model again or restore the file."
+            )
 
     def layer_records(self, names: list[str]) -> dict[str, dict]:
         """The records of the target parameters ``names`` (in target order), checked against the stored checksum

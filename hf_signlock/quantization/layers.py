@@ -11,15 +11,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import CorruptCheckpointError, SignLockError
 from .compressed import CompressedWeight
 from .embedding import SignLockEmbedding, SignLockTiedHead, retie, untie_for_compression
 from .linear import SignLockLinear
 
 
 def compressed_like(module: nn.Module, param_name: str, record: dict, config, device="meta") -> CompressedWeight:
-    """The compressed stand-in of the dense target ``module``."""
+    """The compressed stand-in of the dense target ``module``; a record that cannot describe it (parameters out of
+    range for the codec or the shape) is a ``CorruptCheckpointError`` naming the layer."""
     kind = SignLockEmbedding if isinstance(module, nn.Embedding) else SignLockLinear
-    return kind.like(module, param_name, record, config, device)
+    try:
+        return kind.like(module, param_name, record, config, device)
+    except SignLockError:
+        raise
+    except (KeyError, ValueError, TypeError, OverflowError, IndexError, RuntimeError) as error:
+        raise CorruptCheckpointError(f"{param_name}: its record ({record.get('codec_params')}) does not describe a "
+                                     f"{config.codec} layer of shape {list(module.weight.shape)} ({error!r})") from None
 
 
 def compressed_layers(model: nn.Module) -> dict[str, CompressedWeight]:
@@ -62,6 +70,11 @@ def dequantize_layers(model: nn.Module, dtype: torch.dtype | None = None, verify
     # (measured ~10 ms of a 0.23 s SmolLM2 load); nothing is installed before every layer has passed.
     dense = {name: layer.dense(layer.verify(payload_checked=True) if verify else None, dtype)
              for name, layer in layers.items()}
+    if verify:  # finite tables can still overflow the dtype they decode into (crafted scales)
+        for name, module in dense.items():
+            if not torch.isfinite(module.weight).all():
+                raise CorruptCheckpointError(f"{layers[name].param_name}: decodes to NaN or infinite weights in "
+                                             f"{module.weight.dtype}; the stored tables are corrupted or edited")
     heads = [module for module in modules.values() if isinstance(module, SignLockTiedHead)]
     for name, module in dense.items():
         _replace(modules, name, module)

@@ -72,7 +72,8 @@ def layer_overhead_bits(targets: dict[str, nn.Module], config: SignLockConfig, f
     digits = len(str(model_bytes))
     offset = 10 ** (digits - 1)
     codec = make_codec(config.codec, config.codec_params)
-    draft = {**config.to_dict(), "layers": "", "targets_checksum": "0" * 2 * CHECKSUM_BYTES, "dtype": "bfloat16"}
+    draft = {**config.to_dict(), "layers": "", "targets_checksum": "0" * 2 * CHECKSUM_BYTES, "dtype": "bfloat16",
+             "config_checksum": "0" * 2 * CHECKSUM_BYTES}
     names = [f"{name}.weight" for name in targets]
     shared = signlock_overhead_bytes(draft, names[0], digits)
     total = sum(module.weight.numel() for module in targets.values())
@@ -180,7 +181,7 @@ def quantize_model(model: nn.Module, config: SignLockConfig, hessians: dict[str,
         layers[module_name] = layer.to(module.weight.device)
     install(model, layers, tied)
     link_shared_tables(layers.values())
-    config.set_layer_records(records)
+    config.set_layer_records(records, {layer.param_name: layer.shape for layer in layers.values()})
     _mark_quantized(model, config)
     return model
 

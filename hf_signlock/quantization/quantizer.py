@@ -18,45 +18,18 @@ from __future__ import annotations
 import re
 
 import torch
-from safetensors import safe_open
 from transformers.quantizers import auto as quantizers_auto
 from transformers.quantizers.base import HfQuantizer
 
-from ..constants import QUANT_METHOD
+from ..constants import CHECKSUMMED_FORMAT, QUANT_METHOD
 from ..errors import CorruptCheckpointError, SignLockConfigError, SignLockError
 from ..targets import find_target_modules, tied_head
 from .base_signs import check_base_signs
-from .compressed import CompressedWeight, link_shared_tables
-from .guard import guard_tensors
+from .compressed import link_shared_tables
+from .guard import GUARD_KEY, check_guards, guard_tensors
 from .layers import check_payloads, compressed_layers, compressed_like, dequantize_layers, install
 from .quantize import check_budget_is_possible, quantize_model
-
-
-def check_layers_are_stored(layers: list[CompressedWeight], checkpoint_files: list[str]) -> None:
-    """Every tensor of every layer (payload, bias) is in the checkpoint at the shape its record gives. Checked from
-    the safetensors headers before loading: transformers would fill a missing or mis-sized tensor with uninitialised
-    memory (``empty_like``) and go on, and no ``_init_weights`` knows our module. The payload checksum would refuse
-    such a payload, but not by name and not every time; nothing would refuse such a bias."""
-    files = [path for path in checkpoint_files if str(path).endswith(".safetensors")]
-    if not files:  # other formats keep only the checksum check
-        return
-    expected = {layer.param_name.removesuffix("weight") + name: (layer, name, list(tensor.shape))
-                for layer in layers for name, tensor in layer.state_dict(keep_vars=True).items()}
-    stored = {}
-    for path in files:
-        with safe_open(path, "pt") as file:
-            keys = [key for key in file.keys() if key in expected]  # noqa: SIM118 (a safe_open handle, not a dict)
-            stored.update((key, file.get_slice(key).get_shape()) for key in keys)
-    for key, (layer, name, shape) in expected.items():
-        if key not in stored:
-            raise CorruptCheckpointError(
-                f"{layer.param_name}: the checkpoint has no `{key}` tensor; export the model again or restore the file"
-            )
-        if stored[key] != shape:
-            raise CorruptCheckpointError(
-                f"{layer.param_name}: the stored {name} has shape {stored[key]}, the layer record needs {shape} "
-                "(truncated file, or a tensor from another checkpoint)"
-            )
+from .stored import check_every_tensor, read_stored, read_tensor
 
 
 class SignLockHfQuantizer(HfQuantizer):
@@ -94,13 +67,22 @@ class SignLockHfQuantizer(HfQuantizer):
         if not self.pre_quantized:  # quantize on load: dense weights load as usual; refuse an impossible budget now
             check_budget_is_possible(targets, config)
             return model
-        records = config.layer_records([f"{name}.weight" for name in targets])
+        shapes = {f"{name}.weight": tuple(module.weight.shape) for name, module in targets.items()}
+        records = config.layer_records(list(shapes))  # refuses records of other targets, by name
+        config.check_checksum(shapes)  # every number that decides how the bytes decode, before any is used
+        stored = read_stored(checkpoint_files)
+        first_target = next(iter(records))
+        if config.format_version >= CHECKSUMMED_FORMAT:
+            if not stored:
+                raise CorruptCheckpointError("a SignLock checkpoint is stored as safetensors; these weight files are "
+                                             f"not ({checkpoint_files}). Export the model again.")
+            check_guards({key: (entry.shape, entry.dtype) for key, entry in stored.items()},
+                         lambda: read_tensor(stored[GUARD_KEY], GUARD_KEY), first_target, config.config_checksum)
         base_bits = {}
         if config.sign_source == "base":  # the base is found, of this architecture, with the signs exported against
-            base_bits = check_base_signs(config, {f"{name}.weight": tuple(module.weight.shape)
-                                                  for name, module in targets.items()})
+            base_bits = check_base_signs(config, shapes)
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
-            re.escape(key) + "$" for key in guard_tensors(next(iter(records)))
+            re.escape(key) + "$" for key in (first_target, GUARD_KEY)
         }
         tied = config.target_embeddings and tied_head(model)
         layers = {}
@@ -109,9 +91,8 @@ class SignLockHfQuantizer(HfQuantizer):
             layer.base_bits = base_bits.get(param_name)  # checked just now: not looked up again per layer
             layer.to(model.config.dtype)  # the dtype the model is loaded in (the bias is cast on load)
         install(model, layers, tied)
-        layers = list(layers.values())
-        link_shared_tables(layers)  # the payload sizes depend on who stores the codebook: check that before loading
-        check_layers_are_stored(layers, checkpoint_files or [])
+        link_shared_tables(layers.values())  # the payload sizes depend on who stores the codebook: before loading
+        check_every_tensor(model, stored)  # every tensor, compressed or not, is there at its shape
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -165,9 +146,10 @@ class SignLockHfQuantizer(HfQuantizer):
                 "replaced or merged): this model can no longer be saved as a SignLock checkpoint. Call "
                 "model.dequantize() to save it dense, or compress it again with hf_signlock.quantize_model."
             )
-        config.set_layer_records(records)  # refinement renews checksums in the layers: the config follows them
+        # refinement renews checksums in the layers: the config follows them, sealed again
+        config.set_layer_records(records, {layer.param_name: layer.shape for layer in layers.values()})
         state_dict = model.state_dict()
-        state_dict.update(guard_tensors(next(iter(records))))
+        state_dict.update(guard_tensors(next(iter(records)), config.config_checksum))
         return state_dict, {}
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
