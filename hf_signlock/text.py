@@ -184,14 +184,34 @@ def _run_data_tokens(tokenizer, data_args, split: str | None) -> tuple[torch.Ten
     return ids, description + ", end to end"
 
 
+def check_recorded_data(data_args, folder: Path) -> None:
+    """Refuse local data that a model folder's recorded training settings name outside that folder: a checkpoint's
+    files are input, and evaluation reads the files a user names (``--dataset``, ``--config``), not those a file
+    names. Dataset names (the built-in corpus, Hub datasets) and files inside the folder are fine."""
+    root = folder.resolve()
+    named = list(data_args.data_files or ())
+    if data_args.dataset_name and (_looks_like_path(data_args.dataset_name) or Path(data_args.dataset_name).exists()):
+        named.append(data_args.dataset_name)
+    for name in named:
+        path = (folder / Path(str(name)).expanduser()).resolve()
+        if not path.is_relative_to(root):
+            raise DataError(
+                f"{folder} records training data {str(name)!r}, a local path outside the model's folder; evaluation "
+                "does not read files a checkpoint names unless asked. Pass the text yourself (--dataset PATH or --config "
+                "RECIPE), or --recorded_data to read what the run recorded."
+            )
+
+
 def resolve_eval_text(tokenizer, dataset: str | os.PathLike | None = None, *, model_source: str | None = None,
                       dataset_config_name: str | None = None, split: str | None = None,
-                      text_column: str | None = None, data_args=None, max_tokens: int | None = None) -> EvalText:
+                      text_column: str | None = None, data_args=None, max_tokens: int | None = None,
+                      recorded_data: bool = False) -> EvalText:
     """Token ids of the DATASET argument (see the module's docstring), tokenised with ``tokenizer``.
 
     ``model_source``: the MODEL argument, whose recorded data is the default; ``data_args`` overrides it.
-    ``max_tokens`` keeps the first tokens. Raises :class:`DataError` naming ``--dataset``, ``--split`` or
-    ``--text_column`` when the text cannot be found or read.
+    ``max_tokens`` keeps the first tokens. Local files the model's recorded settings name outside its folder are
+    read only with ``recorded_data=True`` (``--recorded_data``: the caller vouches for the checkpoint). Raises
+    :class:`DataError` naming ``--dataset``, ``--split`` or ``--text_column`` when the text cannot be found or read.
     """
     from .data import DataArguments, data_arguments_of
 
@@ -202,6 +222,8 @@ def resolve_eval_text(tokenizer, dataset: str | os.PathLike | None = None, *, mo
         if data_args is None:
             folder = Path(model_source) if model_source else None
             data_args = data_arguments_of(folder) if folder is not None and folder.is_dir() else DataArguments()
+            if folder is not None and folder.is_dir() and not recorded_data:
+                check_recorded_data(data_args, folder)
         if text_column is not None:
             data_args = dataclasses.replace(data_args, text_column=text_column)
         ids, description = _run_data_tokens(tokenizer, data_args, split)

@@ -100,8 +100,12 @@ def folders(tmp_path_factory):
     trained.save_pretrained(root / "captured")
     write_stats(root / "captured", reference_mode="captured", seed=42, target_modules=param_names(trained))
     write_captured_state(root / "captured" / "checkpoint-3", start)
-    trained.save_pretrained(root / "captured-nostate")
-    write_stats(root / "captured-nostate", reference_mode="captured", seed=42,
+    trained.save_pretrained(root / "captured-nostate")  # its starting model inside it: followed
+    start.save_pretrained(root / "captured-nostate" / "start")
+    write_stats(root / "captured-nostate", reference_mode="captured", seed=42, model_name_or_path="start",
+                target_modules=param_names(trained))
+    trained.save_pretrained(root / "captured-elsewhere")  # a starting model outside it: not followed
+    write_stats(root / "captured-elsewhere", reference_mode="captured", seed=42,
                 model_name_or_path=str(root / "initial"), target_modules=param_names(trained))
     llama().save_pretrained(root / "plain")
     return root
@@ -132,6 +136,12 @@ def test_reference_from_every_source(folders, model_folder, reference, descripti
     assert description in report["reference"]
     assert report["flips"] == FLIPS
     assert report["layers"][FLIPPED] == pytest.approx(FLIPS / (64 * 32))
+
+
+def test_a_starting_model_the_stats_name_outside_the_run_is_not_followed(folders):
+    with pytest.raises(SignLockConfigError, match=r"model_name_or_path .*initial.* outside it.*--reference"):
+        flips_against(folders, "captured-elsewhere", None)
+    assert flips_against(folders, "captured-elsewhere", str(folders / "initial"))["flips"] == FLIPS  # when asked
 
 
 def test_same_signs_give_no_flips_but_a_zero_weight_is_always_one(folders):

@@ -108,7 +108,9 @@ def test_export_against_the_base_decodes_the_fine_tunes_signs(setup, where):
     folder = export(setup["tuned"], root / f"against-{where}", sign_source="base", base_model=str(root / where))
     quantization = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert (quantization["sign_source"], quantization["base_model"]) == ("base", str(root / where))
-    assert_exact(folder, setup)
+    with pytest.raises(BaseModelNotFoundError, match="outside the checkpoint's folder.*SignLockConfig\\(base_model="):
+        AutoModelForCausalLM.from_pretrained(folder)  # a path the file names is not followed on its word
+    assert_exact(folder, setup, quantization_config=SignLockConfig(base_model=str(root / where)))
 
     # the signs cost what the coded flips against the base cost: far below packed signs' 1 bit per weight
     report, packed = write_bits_report(folder), write_bits_report(root / "packed")
@@ -187,8 +189,11 @@ def test_a_base_found_elsewhere_at_load_time(setup, tmp_path):
     folder = export(setup["tuned"], tmp_path / "export", sign_source="base", base_model=str(tmp_path / "moved"))
     shutil.rmtree(tmp_path / "moved")
     clear_base_signs_cache()
-    with pytest.raises(BaseModelNotFoundError, match=r"moved.*not an existing folder.*SignLockConfig\(base_model="):
+    with pytest.raises(BaseModelNotFoundError, match=r"moved.*outside the checkpoint's folder.*SignLockConfig\(base_model="):
         AutoModelForCausalLM.from_pretrained(folder)
+    with pytest.raises(BaseModelNotFoundError, match=r"moved.*not an existing folder.*SignLockConfig\(base_model="):
+        AutoModelForCausalLM.from_pretrained(folder, quantization_config=SignLockConfig(base_model=str(
+            tmp_path / "moved")))
     assert_exact(folder, setup, quantization_config=SignLockConfig(base_model=str(root / "pack")))
 
 
@@ -227,7 +232,7 @@ def test_export_run_of_a_fine_tune_stores_its_signs_against_its_base(setup, tmp_
     quantization = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert (report["sign_source"], quantization["base_model"], quantization["target_modules"]) == (
         "base", str(root / "base"), None)
-    assert_exact(tmp_path / "out", setup)
+    assert_exact(tmp_path / "out", setup, quantization_config=SignLockConfig(base_model=str(root / "base")))
     assert main(["export", str(run), str(tmp_path / "cli"), "--codec", "exact", "--base-model", str(root / "pack"),
                  "--dtype", "float32"]) == 0
     flips = sum(flips_of(setup["tuned"], setup["base"]).values())

@@ -189,7 +189,9 @@ def test_bad_model_and_dataset_arguments_are_refused(folders, tmp_path, monkeypa
     with pytest.raises(DataError, match=r"--split 'test'"):
         evaluate_model(str(folders.run), str(folders.corpus), split="test")
     with pytest.raises(DataError, match=r"--split 'test'.*'train' and 'validation'"):
-        evaluate_model(str(folders.run), split="test")
+        evaluate_model(str(folders.run), split="test", recorded_data=True)
+    with pytest.raises(DataError, match=r"records training data .*corpus\.txt.*outside.*--dataset.*--recorded_data"):
+        evaluate_model(str(folders.run))  # a file the run's stats name is read only when asked
     table = tmp_path / "rows.jsonl"
     table.write_text('{"body": "thou art"}\n')
     with pytest.raises(DataError, match=r"--text_column 'text' is not a column .* \['body'\]"):
@@ -230,7 +232,7 @@ def test_dataset_sources_resolve_to_the_documented_text(folders, tmp_path):
     # no DATASET: the run's held-out blocks, end to end, as training cut them
     args = data_arguments_of(folders.run)
     held_out = build_lm_datasets(load_raw_datasets(args), tokenizer, args)["validation"]
-    default = resolve_eval_text(tokenizer, model_source=str(folders.run))
+    default = resolve_eval_text(tokenizer, model_source=str(folders.run), recorded_data=True)
     assert default.input_ids.tolist() == [t for block in held_out["input_ids"] for t in block]
     assert "held-out split" in default.description and "corpus.txt" in default.description
 
@@ -253,7 +255,7 @@ def test_eval_command_end_to_end(folders, tmp_path, capsys):
     assert "| Perplexity |" in output.with_suffix(".md").read_text()
     assert f"perplexity {result['perplexity']:.4f}" in capsys.readouterr().out
     # the alias, defaults (the run's held-out text, window = the model's context) and eval.json beside the model
-    assert main(["evaluate", str(folders.run)]) == 0
+    assert main(["evaluate", str(folders.run), "--recorded_data", "--output", str(folders.run / "eval.json")]) == 0
     default = json.loads((folders.run / "eval.json").read_text())
     assert default["window"] == CONTEXT and default["stride"] == CONTEXT // 2 and "held-out" in default["dataset"]
     assert evaluate_folder(folders.run, write=False)["perplexity"] == pytest.approx(default["perplexity"], rel=1e-6)

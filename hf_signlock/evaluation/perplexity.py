@@ -215,7 +215,8 @@ def checkpoint_bits(folder: str | os.PathLike) -> dict:
 
     report = checkpoint_report(folder)
     return {"bpw": report["bpw"], "bits_per_parameter": report["checkpoint"]["bits_per_parameter"],
-            "checkpoint_bytes": report["checkpoint"]["bytes"], "codec": report["codec"]}
+            "checkpoint_bytes": report["checkpoint"]["bytes"], "codec": report["codec"],
+            "checkpoint_checksum": report["config_checksum"]}  # the card shows figures of this very checkpoint
 
 
 def sign_flips(model_source: str, model, reference: str | None) -> dict:
@@ -234,7 +235,7 @@ def sign_flips(model_source: str, model, reference: str | None) -> dict:
 def evaluate_model(model, dataset: str | None = None, *, tokenizer=None, dataset_config_name: str | None = None,
                    split: str | None = None, text_column: str | None = None, window: int | None = None,
                    stride: int | None = None, batch_size: int = 8, max_tokens: int | None = None,
-                   reference: str | None = None, data_args=None, device=None) -> dict:
+                   reference: str | None = None, data_args=None, device=None, recorded_data: bool = False) -> dict:
     """Perplexity of ``model`` on ``dataset``, the computation behind ``hf-signlock eval``.
 
     ``model``: a local folder or a Hub id (dense or SignLock; loaded with ``from_pretrained``), or a loaded model
@@ -242,7 +243,8 @@ def evaluate_model(model, dataset: str | None = None, *, tokenizer=None, dataset
     None for the held-out split of the run's own data (``data_args`` to override it); see
     :func:`hf_signlock.text.resolve_eval_text`. ``window`` defaults to the model's context (at most
     1024), ``stride`` to half the window. ``max_tokens`` keeps the first tokens of the text (quick runs).
-    ``reference``: the signs to count flips against (None: what the run or export recorded, if anything).
+    ``recorded_data``: read local data files the model's recorded training settings name outside its folder
+    (otherwise refused: a checkpoint's files are input). ``reference``: the signs to count flips against (None: what the run or export recorded, if anything).
     ``device``: where a MODEL given by path is loaded (default: this process's GPU, else the CPU); a loaded model
     stays where it is.
 
@@ -284,7 +286,8 @@ def evaluate_model(model, dataset: str | None = None, *, tokenizer=None, dataset
     window, stride = default_window(model_context(model), window, stride)
     check_window(window, stride, model_context(model))
     text = resolve_eval_text(tokenizer, dataset, model_source=source, dataset_config_name=dataset_config_name,
-                             split=split, text_column=text_column, data_args=data_args, max_tokens=max_tokens)
+                             split=split, text_column=text_column, data_args=data_args, max_tokens=max_tokens,
+                             recorded_data=recorded_data)
     result = {"model": source, **sliding_window_perplexity(model, text.input_ids, window, stride, batch_size),
               "dataset": text.description}
     if max_tokens is not None:
@@ -315,9 +318,9 @@ def markdown_report(result: dict) -> str:
 
 def evaluate_folder(folder: str | os.PathLike, data_args=None, batch_size: int = 16, write: bool = True) -> dict:
     """Held-out perplexity of a run or an export in ``folder`` (loaded with ``from_pretrained``), on the data the
-    run recorded (or ``data_args``), with ``hf-signlock eval``'s default window and stride; written to
+    run recorded (read wherever it is: the caller names its own run) or ``data_args``, with ``hf-signlock eval``'s default window and stride; written to
     ``eval.json`` beside it when ``write``. Keys include ``perplexity``, ``tokens``, ``eval_loss``, ``dataset``."""
-    result = evaluate_model(folder, None, data_args=data_args, batch_size=batch_size)
+    result = evaluate_model(folder, None, data_args=data_args, batch_size=batch_size, recorded_data=True)
     if write:
         Path(folder, EVAL_NAME).write_text(json.dumps(result, indent=2, default=str))
     return result

@@ -402,6 +402,14 @@ def _recorded(model_source: str, argument: str) -> ReferenceSigns | None:
         if state_file is not None:
             return _captured(state_file, stats, argument)
         start = (stats or {}).get("model_name_or_path")
+        if start and not Path(start).is_absolute() and (path / start).is_dir():
+            start = str(path / start)  # a folder the stats name relative to themselves
+        if start and Path(start).is_dir() and not _inside(path, start):  # a file's word: not followed out of it
+            raise SignLockConfigError(
+                f"{model_source!r} records model_name_or_path {start!r} (in {stats_file}), a folder outside it, as the "
+                f"model whose signs the run captured; a file does not get to make evaluation read other folders. "
+                f"Pass {ARGUMENT} {start} (or another reference) yourself."
+            )
         if start and Path(start).is_dir():  # the starting model's signs are the captured ones
             reference = _from_folder(start, argument)
             reference.description += " (the run's starting model, whose signs it captured)"
@@ -413,6 +421,11 @@ def _recorded(model_source: str, argument: str) -> ReferenceSigns | None:
             "model it was fine-tuned from."
         )
     return None
+
+
+def _inside(folder: Path, named: str) -> bool:
+    """Whether the path ``named`` (relative paths taken from ``folder``) lies inside ``folder``."""
+    return (folder / Path(named).expanduser()).resolve().is_relative_to(folder.resolve())
 
 
 # --- the entry point --------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -141,6 +142,31 @@ def resolve_base(base_model: str, revision: str | None = None) -> BaseSigns:
     return base
 
 
+def base_named_by_checkpoint(base_model: str, checkpoint_dir: str | os.PathLike | None) -> str:
+    """Where the ``base_model`` a checkpoint's own config names may be looked for: a Hub id, or a folder inside the
+    checkpoint's folder (returned as its path). A config.json is input like any file: it does not get to make
+    loading read an absolute path, a path out of its folder (``..``), or a folder of the working directory. The user
+    who means such a folder names it: ``from_pretrained(path, quantization_config=SignLockConfig(base_model=...))``
+    or ``--base_model`` on the command line."""
+    name = str(base_model)
+    fix = (f"the checkpoint's config names base_model {name!r}, a path outside the checkpoint's folder, which "
+           "loading does not follow on a file's word. If that is the base the fine-tune was exported against, pass "
+           "it yourself: from_pretrained(path, quantization_config=SignLockConfig(base_model=...)), or "
+           "`--base_model` on the command line.")
+    path = Path(name)
+    if path.is_absolute() or name.startswith("~") or ".." in path.parts:
+        raise BaseModelNotFoundError(fix)
+    if checkpoint_dir is not None and (Path(checkpoint_dir) / path).is_dir():
+        inside = (Path(checkpoint_dir) / path).resolve()
+        if inside.is_relative_to(Path(checkpoint_dir).resolve()):
+            return str(inside)
+    if _HUB_ID.fullmatch(name) and not name.startswith("."):
+        if path.is_dir():  # would be read from the working directory instead of the Hub
+            raise BaseModelNotFoundError(fix)
+        return name
+    raise BaseModelNotFoundError(fix)
+
+
 def _fingerprint(folder: Path) -> tuple:
     files = [folder / name for name in (SIGN_PACK_NAME, INDEX_NAME, WEIGHTS_NAME)]
     return tuple((file.name, stat.st_mtime_ns, stat.st_size) for file in files if file.is_file()
@@ -251,11 +277,20 @@ def _refuse_signlock_checkpoint(config_file: Path, base_model: str) -> None:
 
 
 def _weight_map(index_file: Path, base_model: str) -> dict[str, str]:
+    """The shard index's ``tensor -> file`` map; every file a plain name in the index's own folder (an index may be
+    crafted: it does not get to name an absolute path or one out of its folder)."""
     try:
-        return dict(json.loads(Path(index_file).read_text())["weight_map"])
-    except (json.JSONDecodeError, KeyError, TypeError):
+        weight_map = dict(json.loads(Path(index_file).read_text())["weight_map"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError):
         raise BaseModelNotFoundError(f"the base model {base_model!r}: {INDEX_NAME} is not a valid shard index "
                                      "(no weight_map)") from None
+    for key, file in weight_map.items():
+        parts = Path(file).parts if isinstance(file, str) else ()
+        if not parts or Path(file).is_absolute() or ".." in parts or "\\" in file or not isinstance(key, str):
+            raise BaseModelNotFoundError(f"the base model {base_model!r}: its {INDEX_NAME} names {file!r} for "
+                                         f"{key!r}, which is not a file inside the model's folder; the index is "
+                                         "corrupted or crafted")
+    return weight_map
 
 
 def _single_file(file: Path) -> dict[str, str]:
@@ -365,7 +400,15 @@ def save_sign_pack(model_or_folder, out_dir: str | os.PathLike, *, revision: str
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({name: bits[name].contiguous() for name in shapes}, str(out / SIGN_PACK_NAME), metadata=meta)
+    # written beside its place, then renamed over it: an interrupted write leaves the previous pack, not half of one
+    handle, partial = tempfile.mkstemp(prefix=f".{SIGN_PACK_NAME}.", suffix=".partial", dir=out)
+    os.close(handle)
+    try:
+        save_file({name: bits[name].contiguous() for name in shapes}, partial, metadata=meta)
+        os.replace(partial, out / SIGN_PACK_NAME)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
     return out / SIGN_PACK_NAME
 
 

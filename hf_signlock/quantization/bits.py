@@ -228,6 +228,7 @@ def checkpoint_report(folder: str | os.PathLike) -> dict:
                               "headers and config": checkpoint_bytes - target_bytes - dense_bytes},
         },
         "bpw": total["total_bits"] / total["weights"],
+        "config_checksum": signlock.config_checksum,  # names this very checkpoint (its records hold its payloads')
         "sign_source": signlock.sign_source, "codec": signlock.codec, "codec_params": signlock.codec_params,
         "target_embeddings": signlock.target_embeddings,
         "total": total,

@@ -271,5 +271,8 @@ class SignLockConfig(QuantizationConfigMixin):
         its ``base_revision``). Everything else comes from the checkpoint."""
         attributes = {} if self.dequantize is None else {"dequantize": self.dequantize}
         if self.base_model is not None:  # both: a local copy given for a Hub base has no revision
-            attributes.update(base_model=self.base_model, base_revision=self.base_revision)
+            # ...and marked as the caller's: a base the checkpoint's own config names is looked for only inside its
+            # folder or on the Hub (see base_signs.base_named_by_checkpoint); one the caller names, anywhere.
+            attributes.update(base_model=self.base_model, base_revision=self.base_revision,
+                              base_model_from_caller=True)
         return attributes

@@ -11,9 +11,11 @@ With ``refine_steps`` the codec tables are trained on the run's own training tex
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -84,7 +86,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: st
                sign_source: str | None = None, dequantize: bool | None = None, refine_steps: int = 0,
                refine_learning_rate: float = 3e-3, refine_loss: str = "lm", dtype: str | None = None, data_args=None,
                base_model: str | None = None, base_revision: str | None = None,
-               calibration: CalibrationArguments | None = None) -> dict:
+               calibration: CalibrationArguments | None = None, overwrite: bool = False) -> dict:
     """Compress a trained model folder into ``out_dir`` (model, tokenizer, ``bpw.json``); returns the bits report.
 
     The arguments are ``SignLockConfig``'s (``bits_per_weight`` None: the codec's default budget, 1.0 for vq) and
@@ -98,7 +100,9 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: st
     else the built-in corpus; ``samples=0`` turns it off); a token embedding tied to the head gets the head's.
     ``base_model`` (a folder, Hub id or sign pack, at ``base_revision``) stores the signs as flips against that
     model's (``sign_source="base"``, the default then); a run fine-tuned from a pretrained model (captured signs)
-    does so against the model it records having started from."""
+    does so against the model it records having started from. The export is written to a temporary folder beside
+    ``out_dir`` and moved into place when complete; an existing non-empty ``out_dir`` (or the run folder itself)
+    is replaced only with ``overwrite``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if refine_loss not in REFINE_LOSSES:
@@ -109,6 +113,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: st
         raise SignLockConfigError("Give `bits_per_weight` (the target layers' budget) or `bits_per_parameter` (the "
                                   "whole file's), not both.")
     save_dtype = getattr(torch, dtype or "bfloat16")
+    check_destination(run_dir, out_dir, overwrite)
     model = AutoModelForCausalLM.from_pretrained(run_dir, dtype="auto")
     signs = signs_of_run(run_dir, model)
     if signs["sign_source"] == "packed" and sign_source is None and base_model is None:
@@ -145,19 +150,59 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: st
         teacher = AutoModelForCausalLM.from_pretrained(run_dir, dtype="auto") if refine_loss == "teacher" else None
         refinement = _refine_on_run_data(model, run_dir, refine_steps, refine_learning_rate, data_args, teacher)
     model.to(save_dtype)  # what stays dense; the compressed layers' payloads are bytes, their biases follow
-    model.save_pretrained(out_dir)
-    try:
-        AutoTokenizer.from_pretrained(run_dir).save_pretrained(out_dir)
-    except (OSError, ValueError):
-        logger.warning(f"{run_dir} has no tokenizer; exporting the model alone.")
-    if Path(run_dir, STATS_NAME).exists():  # the card and `evaluate` read the training run's figures from here
-        shutil.copy(Path(run_dir, STATS_NAME), Path(out_dir, TRAINING_STATS_NAME))
     extra = {"refinement": refinement} if refinement else {}
     if hessians is not None:
         extra["calibration"] = calibration.describe()
     if budget is not None:
         extra["budget"] = budget
-    return write_bits_report(out_dir, extra or None)
+    with staged_folder(out_dir) as staging:  # moved into place once complete: never a half export, nor a lost one
+        model.save_pretrained(staging)
+        try:
+            AutoTokenizer.from_pretrained(run_dir).save_pretrained(staging)
+        except (OSError, ValueError):
+            logger.warning(f"{run_dir} has no tokenizer; exporting the model alone.")
+        if Path(run_dir, STATS_NAME).exists():  # the card and `evaluate` read the training run's figures from here
+            shutil.copy(Path(run_dir, STATS_NAME), Path(staging, TRAINING_STATS_NAME))
+        report = write_bits_report(staging, extra or None)
+    return report
+
+
+def check_destination(run_dir, out_dir, overwrite: bool) -> None:
+    """Refuse, unless ``overwrite``, an export into the run folder itself or into a folder that holds anything: an
+    export replaces the whole folder (so no result of an earlier export, such as its eval.json, outlives it)."""
+    out, run = Path(out_dir), Path(run_dir)
+    if out.exists() and not out.is_dir():
+        raise SignLockConfigError(f"OUT_DIR {out_dir} is a file; pass a folder (it is created).")
+    if overwrite:
+        return
+    if out.exists() and run.exists() and out.resolve() == run.resolve():
+        raise SignLockConfigError(f"OUT_DIR {out_dir} is the run folder itself: the export would replace the trained "
+                                  "model. Pass another folder, or --overwrite to replace the run with its export.")
+    if out.is_dir() and any(out.iterdir()):
+        raise SignLockConfigError(f"OUT_DIR {out_dir} is not empty; an export replaces the whole folder. Pass a new "
+                                  "folder, or --overwrite to replace it.")
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir):
+    """A temporary folder beside ``out_dir`` to write into; on success it replaces ``out_dir`` (a rename each,
+    the old folder removed only after the new one is in place), on failure or interruption it is removed and
+    ``out_dir`` is left as it was."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.replace(out, old / out.name)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _refine_on_run_data(model, run_dir, steps: int, learning_rate: float, data_args=None, teacher=None) -> dict:

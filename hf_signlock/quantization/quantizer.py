@@ -15,6 +15,7 @@ usual, then compresses the target layers (``quantize_model``).
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -24,7 +25,7 @@ from transformers.quantizers.base import HfQuantizer
 from ..constants import CHECKSUMMED_FORMAT, QUANT_METHOD
 from ..errors import CorruptCheckpointError, SignLockConfigError, SignLockError
 from ..targets import find_target_modules, tied_head
-from .base_signs import check_base_signs
+from .base_signs import base_named_by_checkpoint, check_base_signs
 from .compressed import link_shared_tables
 from .guard import GUARD_KEY, check_guards, guard_tensors
 from .layers import check_payloads, compressed_layers, compressed_like, dequantize_layers, install
@@ -80,6 +81,9 @@ class SignLockHfQuantizer(HfQuantizer):
                          lambda: read_tensor(stored[GUARD_KEY], GUARD_KEY), first_target, config.config_checksum)
         base_bits = {}
         if config.sign_source == "base":  # the base is found, of this architecture, with the signs exported against
+            if not getattr(config, "base_model_from_caller", False):
+                folder = os.path.dirname(os.fspath(checkpoint_files[0])) if checkpoint_files else None
+                config.base_model = base_named_by_checkpoint(config.base_model, folder)
             base_bits = check_base_signs(config, shapes)
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
             re.escape(key) + "$" for key in (first_target, GUARD_KEY)
