@@ -6,9 +6,20 @@ and positions are the original parameter's. What it stores, decodes and checks i
 The forward pass decodes the weight once, multiplies, and lets it go: nothing weight-sized is kept for the backward
 pass, which decodes again (the base weight is frozen; only the input's gradient needs it). Training LoRA adapters on
 top (``hf_signlock.quantization.lora``) thus holds one layer's dense weight at a time, not the model's.
+
+Plain PEFT takes these layers as it takes bitsandbytes' or GPTQ's: importing this module (which loading a compressed
+model does) hooks PEFT's LoRA layer factory, ``LoraModel._create_new_module``, so that a ``SignLockLinear`` gets a
+``SignLockLoraLinear`` and ``target_modules="all-linear"`` counts it, with nothing asked of the user. PEFT has no
+registry for that (its dispatchers are a fixed list, and the only extension point, ``LoraConfig``'s custom modules,
+is per config and not saved with an adapter). The hook is set at once when PEFT's module is imported, else right
+after it is (an import hook on that one module), so that loading a model never imports PEFT.
 """
 
 from __future__ import annotations
+
+import importlib
+import importlib.abc
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +28,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .compressed import CompressedWeight, link_shared_tables
 
-__all__ = ["SignLockLinear", "apply_weight", "decoded_matmul", "layout_of", "link_shared_tables"]
+__all__ = ["SignLockLinear", "apply_weight", "decoded_matmul", "hook_peft_lora", "layout_of", "link_shared_tables"]
 
 
 def layout_of(module: nn.Module) -> str:
@@ -108,3 +119,85 @@ class SignLockLinear(CompressedWeight):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}, "
                 f"signs={self.sign_source}, codec={self.config.codec}, dtype={self.dtype}")
+
+
+# --- plain PEFT: LoRA layers for SignLockLinear without the user's help -------------------------------------------
+
+PEFT_LORA_MODULE = "peft.tuners.lora.model"  # defines LoraModel, whose _create_new_module picks each layer's LoRA kind
+LORA_MODULE = "hf_signlock.quantization.lora"
+
+
+def _hook_lora_model(module) -> None:
+    """Route ``module.LoraModel``'s layer creation and its "all-linear" expansion through ``LORA_MODULE`` (once).
+
+    The wrappers import ``LORA_MODULE`` when PEFT calls them, not now: this may run while PEFT is still importing."""
+    model_cls = getattr(module, "LoraModel", None)
+    create = getattr(model_cls, "_create_new_module", None)
+    if create is None or getattr(create, "_signlock_hook", False):  # another PEFT, or hooked already
+        return
+
+    def _create_new_module(lora_config, adapter_name, target, **kwargs):
+        new_module = importlib.import_module(LORA_MODULE).dispatch_compressed(lora_config, adapter_name, target,
+                                                                              **kwargs)
+        return create(lora_config, adapter_name, target, **kwargs) if new_module is None else new_module
+
+    _create_new_module._signlock_hook = True
+    model_cls._create_new_module = staticmethod(_create_new_module)
+
+    prepare = getattr(model_cls, "_prepare_adapter_config", None)
+    if prepare is not None:  # called before PEFT expands "all-linear", which matches nn.Linear / Conv1D only
+
+        def _prepare_adapter_config(self, peft_config, model_config):
+            peft_config = prepare(self, peft_config, model_config)
+            importlib.import_module(LORA_MODULE).include_compressed_in_all_linear(peft_config, self.model)
+            return peft_config
+
+        model_cls._prepare_adapter_config = _prepare_adapter_config
+
+
+class _HookAfterExec(importlib.abc.Loader):
+    """Runs the wrapped loader, then hooks the module it executed (and retires the finder)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        for finder in [f for f in sys.meta_path if isinstance(f, _HookAfterPeftImport)]:
+            sys.meta_path.remove(finder)
+        _hook_lora_model(module)
+
+    def __getattr__(self, name):  # get_source, get_code, ...: the real loader's
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+
+class _HookAfterPeftImport(importlib.abc.MetaPathFinder):
+    """Finds ``PEFT_LORA_MODULE`` through the other finders and hooks it once it has executed. It stays in place until
+    then: ``importlib.util.find_spec`` alone (an availability check) finds the module without executing it."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != PEFT_LORA_MODULE:
+            return None
+        spec = next((found for finder in sys.meta_path if finder is not self and hasattr(finder, "find_spec")
+                     for found in [finder.find_spec(fullname, path, target)] if found is not None), None)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _HookAfterExec(spec.loader)
+        return spec
+
+
+def hook_peft_lora() -> None:
+    """Let plain PEFT put LoRA adapters on ``SignLockLinear`` layers: now if PEFT's LoRA model module is imported,
+    else as soon as it is (idempotent; without PEFT installed, the finder just waits)."""
+    module = sys.modules.get(PEFT_LORA_MODULE)
+    if module is not None:
+        _hook_lora_model(module)
+    elif not any(isinstance(finder, _HookAfterPeftImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _HookAfterPeftImport())
+
+
+hook_peft_lora()

@@ -1,38 +1,39 @@
 """LoRA on compressed SignLock layers (the QLoRA habit): PEFT adapters train on top of frozen ``SignLockLinear``s.
 
-Load the checkpoint with its layers kept compressed, attach adapters with a LoRA config from ``get_lora_config``
-(a ``peft.LoraConfig`` that maps ``SignLockLinear`` to ``SignLockLoraLinear``) and train with the ordinary
-``transformers.Trainer``::
+Load the checkpoint with its layers kept compressed and use PEFT as for a bitsandbytes or GPTQ model: a plain
+``peft.LoraConfig``, ``get_peft_model``, the ordinary ``transformers.Trainer``, ``save_pretrained``, and
+``PeftModel.from_pretrained`` (or transformers' ``model.load_adapter``) to load the adapter back::
 
     import hf_signlock
-    from peft import get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(repo, quantization_config=hf_signlock.SignLockConfig(dequantize=False))
-    model = get_peft_model(model, hf_signlock.get_lora_config(r=8, target_modules=["q_proj", "k_proj", "v_proj",
-                                                                                  "o_proj", "gate_proj", "up_proj",
-                                                                                  "down_proj"]))
+    model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))  # or name them: ["q_proj", ...]
     ...  # Trainer(model=model, ...).train()
     model.save_pretrained(adapter_dir)  # the adapter weights only, as for any PEFT model
+    model = PeftModel.from_pretrained(fresh_compressed_model, adapter_dir)  # is_trainable=True to go on training
 
-Name the target modules: PEFT's ``target_modules="all-linear"`` picks ``nn.Linear`` / ``Conv1D`` layers only, which
-a compressed model no longer has (``get_lora_config`` refuses it). PEFT does not save the module mapping with the
-adapter, so loading one back onto a compressed model registers it again on the saved config, and passes that::
+PEFT picks each layer's LoRA kind from a fixed list of dispatchers; loading a compressed model hooks that choice
+(``hf_signlock.quantization.linear.hook_peft_lora``) so that every targeted ``SignLockLinear`` gets a
+``SignLockLoraLinear`` (``dispatch_compressed``), and "all-linear" counts ``SignLockLinear`` layers as the linear
+layers they stand for, the LM head excepted as PEFT excepts it (``include_compressed_in_all_linear``).
+``get_lora_config`` and ``register_lora_modules`` still map the layers explicitly, through PEFT's custom-module
+hook, for code written against them.
 
-    from peft import LoraConfig, PeftModel
+Adapters are interchangeable with the dense model's: A and B have the same shapes, whatever the base layer stores.
 
-    config = hf_signlock.register_lora_modules(LoraConfig.from_pretrained(adapter_dir))
-    model = PeftModel.from_pretrained(compressed_model, adapter_dir, config=config)  # is_trainable=True to go on
-    # or, transformers' own integration: compressed_model.load_adapter(adapter_dir, peft_config=config)
+Merging: a compressed payload cannot absorb an adapter. bitsandbytes and HQQ dequantize, add the delta and quantize
+again (lossy); GPTQ and AQLM refuse. Here ``merge_adapter()`` (merging in place) is refused with a
+``SignLockError`` that names the way out, and ``merge_and_unload()`` puts a plain ``nn.Linear`` / ``Conv1D`` holding
+the decoded weight plus the adapters' delta in each layer's place (exact: nothing is re-quantized); ``unload()``
+gives the compressed layers back. The merged model still carries the SignLock quantization config (it can no longer
+be saved as a SignLock checkpoint): ``merged.dequantize()`` drops it, after which ``save_pretrained`` writes a plain
+dense model.
 
-Without the registered config (``AutoPeftModelForCausalLM``, ``load_adapter(adapter_dir)``) PEFT refuses the layers:
-"Target module SignLockLinear(...) is not supported".
-
-Compressed bytes cannot absorb an adapter, so ``merge_adapter()`` is refused; ``merge_and_unload()`` instead puts a
-plain ``nn.Linear`` / ``Conv1D`` holding the decoded weight plus the adapters' delta in each layer's place, and
-``unload()`` gives the compressed layers back. The merged model still carries the SignLock quantization config
-(it can no longer be saved as a SignLock checkpoint): ``merged.dequantize()`` drops it, after which
-``save_pretrained`` writes a plain dense model.
+Plain LoRA only: DoRA and the other variants, and initialisations that rewrite the base weight (PiSSA, OLoRA,
+LoftQ, ...), raise ``SignLockConfigError``. The compressed token embedding and a head tied to it take no adapters
+(``SignLockConfigError`` naming the module).
 
 Memory: the base layer decodes its weight once in the forward pass and again in the backward pass and keeps nothing
 weight-sized in between (``SignLockLinear``), so training holds one layer's dense weight at a time.
@@ -49,6 +50,8 @@ from packaging.version import Version
 from torch import nn
 
 from ..errors import MissingDependencyError, SignLockConfigError, SignLockError
+from .compressed import CompressedWeight
+from .embedding import SignLockTiedHead
 from .linear import SignLockLinear
 
 PEFT_MIN_VERSION = "0.19"  # custom LoRA layers get the LoraConfig (and update_layer takes it) from 0.19 on
@@ -57,7 +60,7 @@ try:
     import peft  # the top-level package first: a blocked or missing peft fails here
     from peft import LoraConfig
     from peft.tuners.lora import LoraLayer
-    from peft.tuners.tuners_utils import check_adapters_to_merge
+    from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 except ImportError as error:
     _PEFT_IMPORT_ERROR: ImportError | None = error
 
@@ -88,8 +91,8 @@ def _require_peft() -> None:
 
 class SignLockLoraLinear(nn.Module, LoraLayer):
     """LoRA adapters on a compressed ``SignLockLinear`` (either layout): ``base(x) + sum B(A(dropout(x))) * scaling``
-    over the active adapters. PEFT builds it for every targeted ``SignLockLinear`` when the config was made by
-    ``get_lora_config`` or passed through ``register_lora_modules``.
+    over the active adapters. PEFT builds it for every targeted ``SignLockLinear`` (``dispatch_compressed``, or a
+    config passed through ``register_lora_modules``).
 
     Args:
         base_layer: the ``SignLockLinear`` (frozen; its payload and bias never change).
@@ -204,11 +207,60 @@ class SignLockLoraLinear(nn.Module, LoraLayer):
         return "lora." + super().__repr__()
 
 
+def _base_layer(target: nn.Module) -> nn.Module:
+    return target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+
+
+def dispatch_compressed(lora_config: LoraConfig, adapter_name: str, target: nn.Module, **kwargs: Any) -> nn.Module | None:
+    """PEFT's LoRA layer for ``target``, where it is compressed; None leaves the choice to PEFT's dispatchers.
+
+    A ``SignLockLinear`` gets a ``SignLockLoraLinear``, unless the config's own custom modules claim it (those come
+    first, as in PEFT). The compressed token embedding and a head tied to it are refused by name: PEFT would say
+    only that their type "is not supported". Called by the hook on ``LoraModel._create_new_module`` with its
+    arguments (``target_name``, ``r``, ``lora_alpha``, ...)."""
+    base = _base_layer(target)
+    if not isinstance(base, (CompressedWeight, SignLockTiedHead)) or kwargs.get("parameter_name") is not None:
+        return None
+    if any(isinstance(base, kind) for kind in (getattr(lora_config, "_custom_modules", None) or {})):
+        return None
+    if isinstance(base, SignLockLinear):
+        _require_peft()
+        return SignLockLoraLinear(target, adapter_name, config=lora_config, **kwargs)
+    name = kwargs.get("target_name") or type(base).__name__
+    raise SignLockConfigError(
+        f"{name} is a compressed {'token embedding' if isinstance(base, CompressedWeight) else 'LM head tied to it'} "
+        f"({type(base).__name__}), which takes no LoRA adapter; take it out of the LoraConfig's target_modules, or "
+        "load the model with SignLockConfig(dequantize=True) for dense layers."
+    )
+
+
+def include_compressed_in_all_linear(config, model: nn.Module) -> None:
+    """Expand ``target_modules="all-linear"`` in ``config`` (in place) as PEFT would for the dense model: its
+    ``nn.Linear`` / ``Conv1D`` layers and the ``SignLockLinear`` layers standing for them, less the output embeddings
+    and what lies inside adapter layers. PEFT's own expansion matches types, so it would miss every compressed layer.
+    Nothing changes for other configs or for a model without ``SignLockLinear`` layers."""
+    targets = getattr(config, "target_modules", None)
+    if not (isinstance(targets, str) and targets.lower() == "all-linear"):
+        return
+    named = list(model.named_modules())
+    if not any(isinstance(module, SignLockLinear) for _, module in named):
+        return
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers  # private: imported only where needed
+
+    _maybe_include_all_linear_layers(config, model)  # the dense ones, by PEFT's rules (it drops the head by identity)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tuner_prefixes = tuple(f"{name}." for name, module in named if isinstance(module, BaseTunerLayer))
+    config.target_modules = set(config.target_modules) | {
+        name for name, module in named
+        if isinstance(module, SignLockLinear) and module is not head and not name.startswith(tuner_prefixes)
+    }
+
+
 def register_lora_modules(config: LoraConfig) -> LoraConfig:
     """Map ``SignLockLinear`` to ``SignLockLoraLinear`` in ``config`` (a ``peft.LoraConfig``), in place; returns it.
 
-    Needed for every config that meets a compressed model: PEFT does not save the mapping with an adapter, so an
-    adapter loaded back goes through ``PeftModel.from_pretrained(model, path, config=register_lora_modules(
+    Not needed since loading a compressed model hooks PEFT's dispatch (see the module's docstring); kept for code
+    written against it, e.g. ``PeftModel.from_pretrained(model, path, config=register_lora_modules(
     LoraConfig.from_pretrained(path)))``."""
     _require_peft()
     if not isinstance(config, LoraConfig):
@@ -219,13 +271,6 @@ def register_lora_modules(config: LoraConfig) -> LoraConfig:
 
 def get_lora_config(**lora_kwargs: Any) -> LoraConfig:
     """A ``peft.LoraConfig(**lora_kwargs)`` whose adapters wrap compressed ``SignLockLinear`` layers (as well as
-    whatever dense layers it targets). Name ``target_modules`` explicitly: "all-linear" does not match SignLock
-    layers."""
+    whatever dense layers it targets); a plain ``LoraConfig`` does as well once a compressed model is loaded."""
     _require_peft()
-    if lora_kwargs.get("target_modules") == "all-linear":
-        raise SignLockConfigError(
-            'target_modules="all-linear" matches nn.Linear / Conv1D layers only, so compressed SignLock layers would '
-            'get no adapters; name them, e.g. target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", '
-            '"up_proj", "down_proj"].'
-        )
     return register_lora_modules(LoraConfig(**lora_kwargs))
