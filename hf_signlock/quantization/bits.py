@@ -28,15 +28,17 @@ from pathlib import Path
 import torch
 import xxhash
 
-from ..constants import BPW_NAME
+from ..constants import BPW_NAME, CHECKSUMMED_FORMAT
 from ..errors import CorruptCheckpointError, SignLockError
-from ..targets import find_target_modules
+from ..targets import find_target_modules, tied_head
 from .codecs import make_codec
+from .compressed import link_shared_tables
 from .config import SignLockConfig
-from .flip_coding import flip_count
-from .guard import GUARD_CHECKSUM_BYTES, GUARD_KEY
-from .layers import compressed_like
+from .flip_coding import decode_flips
+from .guard import GUARD_CHECKSUM_BYTES, GUARD_KEY, check_guards
+from .layers import compressed_like, install
 from .records import encoded_size
+from .stored import check_every_tensor, read_stored, read_tensor
 
 _SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.float32: "F32", torch.float16: "F16",
                        torch.bfloat16: "BF16", torch.float64: "F64"}
@@ -164,10 +166,12 @@ def checkpoint_report(folder: str | os.PathLike) -> dict:
     entries, weight_file_bytes = read_safetensors_headers(folder)
     codec = make_codec(signlock.codec, signlock.codec_params)
     record_chars = {name: encoded_size(record, codec) for name, record in records.items()}
+    _check_structure(folder, config, signlock, records)
     guards = [next(iter(records)), GUARD_KEY]
     missing = [key for key in guards if key not in entries]
     if missing:
-        raise SignLockError(f"{folder}: the weight files have no guard tensor {missing[0]}; not a SignLock export")
+        raise CorruptCheckpointError(f"{folder}: the weight files have no guard tensor {missing[0]}; not a SignLock "
+                                     "export, or an edited one")
     # quantization_config beside the records (and base64's padding), the guard tensors: shared by all layers
     shared = (config_entry_bytes("quantization_config", qc) - sum(record_chars.values())
               + sum(_data_bytes(entries[key]) + _entry_bytes(key, entries[key]) for key in guards))
@@ -236,6 +240,40 @@ def checkpoint_report(folder: str | os.PathLike) -> dict:
     }
 
 
+def _check_structure(folder: Path, config: dict, signlock: SignLockConfig, records: dict) -> None:
+    """What loading checks before it reads a weight, checked here too: every tensor of the model stored at its
+    shape (compressed layers and dense ones), and the guards holding the config's checksum."""
+    model = _meta_model(folder, config)
+    targets = find_target_modules(model, signlock.target_modules, signlock.target_embeddings)
+    layers = {name: compressed_like(module, param_name, record, signlock)
+              for (name, module), (param_name, record) in zip(targets.items(), records.items())}
+    install(model, layers, signlock.target_embeddings and tied_head(model))
+    link_shared_tables(layers.values())
+    _check_shards(folder)
+    stored = read_stored(sorted(folder.glob("*.safetensors")))
+    if signlock.format_version >= CHECKSUMMED_FORMAT:
+        check_guards({key: (entry.shape, entry.dtype) for key, entry in stored.items()},
+                     lambda: read_tensor(stored[GUARD_KEY], GUARD_KEY), next(iter(records)), signlock.config_checksum)
+    check_every_tensor(model, stored)
+
+
+def _check_shards(folder: Path) -> None:
+    """Every shard the index names is a file in the folder (a missing one would otherwise read as missing
+    tensors)."""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    try:
+        files = set(json.loads(index.read_text())["weight_map"].values())
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        raise CorruptCheckpointError(f"{index} is not a shard index (no weight_map object)") from None
+    for name in sorted(files, key=str):
+        path = folder / str(name)
+        if Path(str(name)).is_absolute() or ".." in Path(str(name)).parts or not path.is_file():
+            raise CorruptCheckpointError(f"{index} names the shard {name!r}, which is not a file in {folder}: a shard "
+                                         "is missing (an interrupted download?) or the index was edited.")
+
+
 def _embedding_kinds(model) -> dict[int, str]:
     """``id(module) -> "embedding" | "head"`` for the token embedding and the LM head."""
     kinds = {id(model.get_input_embeddings()): "embedding"}
@@ -261,13 +299,20 @@ def _check_payload(param_name: str, layer, record: dict, entry: dict) -> None:
 
 
 def _stored_flips(layer, payload_entry: dict) -> int | None:
-    """The flip count of a stored layer, read from its flip stream's header in the weight file."""
+    """The flip count of a stored layer: its flip stream read from the weight file and decoded whole (a count
+    read from the header alone would report whatever a damaged stream claims)."""
     if "flips" not in layer.sections:
         return None
     offset, nbytes, _, _ = layer.sections["flips"]
     with open(payload_entry["file"], "rb") as handle:
         handle.seek(payload_entry["data_start"] + offset)
-        return flip_count(handle.read(min(nbytes, 32)))
+        stream = handle.read(nbytes)
+    if not stream:
+        return 0
+    try:
+        return len(decode_flips(stream, math.prod(layer.shape)))
+    except CorruptCheckpointError as error:
+        raise CorruptCheckpointError(f"{layer.param_name}: {error}") from None
 
 
 def write_bits_report(folder: str | os.PathLike, extra: dict | None = None) -> dict:

@@ -133,7 +133,10 @@ class CompressedWeight(nn.Module):
             return stored["sign_bits"]
         numel, device = math.prod(self.shape), self.payload.device
         stream = stored["flips"].cpu().numpy().tobytes()
-        flips = decode_flips(stream, numel) if stream else ()  # small: decoded on the host; empty: no flips
+        try:
+            flips = decode_flips(stream, numel) if stream else ()  # small: decoded on the host; empty: no flips
+        except CorruptCheckpointError as error:
+            raise CorruptCheckpointError(f"{self.param_name}: {error}") from None
         if self.sign_source == "seed":
             bits = seeded_sign_bits(self.config.seed, self.param_name, numel, device=device)
         elif self.sign_source == "base":  # a copy: the base's bits are shared by every user of that base

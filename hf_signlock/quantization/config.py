@@ -86,7 +86,8 @@ class SignLockConfig(QuantizationConfigMixin):
         self.target_modules = target_modules
         self.target_embeddings = target_embeddings
         self.codec = codec
-        self.codec_params = dict(codec_params or {})
+        # a copy of a dict; anything else is left for post_init to refuse by name
+        self.codec_params = dict(codec_params) if isinstance(codec_params, dict) else codec_params or {}
         self.bits_per_weight = bits_per_weight
         self.dequantize = dequantize
         self.layers = layers

@@ -1,0 +1,85 @@
+"""Every crafted checkpoint of ``crafted.py`` is refused with its typed error, by every way of reading it, in bounded
+time and memory. The cases are read in one subprocess under a 6 GiB address-space limit and a time limit, so an
+unbounded allocation or a hang fails here instead of taking the machine."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from crafted import CASES, MODES, build_case
+from test_quantizer import SEED, trained_model
+
+from hf_signlock import SignLockConfig, apply_gap_init, quantize_model
+
+MEMORY_LIMIT = 6 << 30
+TIME_LIMIT = 420  # seconds for every case, every mode (about a minute on 2 cores)
+PER_READ_LIMIT = 20  # seconds one read may take: a hang or a slow path shows here
+
+
+def _limit_memory():
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+
+def write_sources(sources: Path) -> None:
+    """The real exports the cases start from (a tiny seeded Llama with an untied head)."""
+    model = trained_model("llama")
+    exports = {"vq": SignLockConfig(seed=SEED, codec="vq", codec_params={"bits": 4, "group": 6}),
+               "template": SignLockConfig(seed=SEED, sign_source="template", template_rank=4, codec="scale"),
+               "lowrank": SignLockConfig(seed=SEED, codec="lowrank", codec_params={"rank": 2}),
+               "sharded": SignLockConfig(seed=SEED, codec="exact")}
+    template = trained_model("llama", moved=0.0)
+    apply_gap_init(template, seed=SEED, gap=0.5, sign_source="template", template_rank=4)
+    for name, config in exports.items():
+        compressed = quantize_model(copy.deepcopy(template if name == "template" else model), config)
+        compressed.save_pretrained(sources / f"export-{name}", **({"max_shard_size": "20KB"} if name == "sharded" else {}))
+    model.save_pretrained(sources / "base", max_shard_size="20KB")  # a sharded dense base: its index is input too
+    against = quantize_model(copy.deepcopy(model), SignLockConfig(sign_source="base", base_model=str(sources / "base"),
+                                                                  codec="scale"))
+    against.save_pretrained(sources / "export-base")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    sources, root = tmp_path_factory.mktemp("sources"), tmp_path_factory.mktemp("cases")
+    write_sources(sources)
+    for name in CASES:
+        build_case(name, sources, root)
+    output = root / "results.json"
+    completed = subprocess.run([sys.executable, str(Path(__file__).parent / "worker.py"), str(root), str(output)],
+                               preexec_fn=_limit_memory, timeout=TIME_LIMIT, capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(output.read_text())
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_crafted_checkpoint_is_refused_with_its_typed_error(results, name):
+    case, outcomes = CASES[name], results[name]
+    for mode in MODES:
+        outcome, expected = outcomes[mode], case.expect[mode]
+        assert outcome["seconds"] < PER_READ_LIMIT, (mode, outcome)
+        if expected is None:
+            assert outcome["outcome"] == "ok", (mode, outcome)
+            continue
+        error, pattern = expected
+        assert outcome["outcome"] == "error", (mode, "loaded", outcome)
+        assert "SignLockError" in outcome["types"], (mode, outcome)  # typed: ours, one line at the CLI
+        assert set(error.split("|")) & set(outcome["types"]), (mode, outcome)
+        assert re.search(pattern, outcome["message"], re.DOTALL), (mode, pattern, outcome["message"])
+
+
+def test_the_sources_themselves_load(results, tmp_path_factory):
+    """The undamaged exports load (the cases fail for their damage, not for their source)."""
+    sources = next(p for p in Path(tmp_path_factory.getbasetemp()).glob("sources*"))
+    from transformers import AutoModelForCausalLM
+
+    for name in ("vq", "template", "lowrank", "sharded"):
+        AutoModelForCausalLM.from_pretrained(sources / f"export-{name}")
+    AutoModelForCausalLM.from_pretrained(sources / "export-base",
+                                         quantization_config=SignLockConfig(base_model=str(sources / "base")))
