@@ -37,16 +37,19 @@ def add_parser(commands) -> None:
     option(parser, "calibration_dataset", default=None,
            help="calibration text for signmag, as `eval --dataset` (default: the run's training text, else the "
                 "built-in corpus)")
-    option(parser, "calibration_split", default="train")
+    option(parser, "calibration_split", default="train", help="split of the calibration text")
     option(parser, "calibration_samples", type=int, default=64, help="windows of calibration text (0: none)")
     option(parser, "calibration_length", type=int, default=256, help="tokens per calibration window")
     option(parser, "dequantize", type=boolean, default=None,
            help="what from_pretrained gives by default: true dense modules (the default), false compressed ones")
     option(parser, "refine_steps", type=int, default=0,
            help="train the codec tables on the run's training text for N steps, signs fixed")
-    option(parser, "refine_learning_rate", type=float, default=3e-3)
+    option(parser, "refine_learning_rate", type=float, default=3e-3, help="AdamW learning rate of the refinement")
     option(parser, "refine_loss", default="lm", choices=["lm", "teacher"],
            help="refinement objective: the LM loss, or KL from the trained dense model (teacher)")
+    option(parser, "overwrite", type=boolean, default=False, nargs="?", const=True,
+           help="replace OUT_DIR when it holds anything (or is the run folder itself); the export is written beside "
+                "it and moved into place once complete")
     option(parser, "dtype", default=None, choices=["float32", "bfloat16", "float16"],
            help="dtype of the tensors that stay dense (norms, biases; embeddings that are not targets); default "
                 "bfloat16")
@@ -75,6 +78,7 @@ def run(args, rest) -> int:
                         base_revision=args.base_revision,
                         calibration=CalibrationArguments(args.calibration_dataset, split=args.calibration_split,
                                                          samples=args.calibration_samples,
-                                                         sequence_length=args.calibration_length))
+                                                         sequence_length=args.calibration_length),
+                        overwrite=args.overwrite)
     print(summary_line(args.out_dir, report))
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -22,7 +23,7 @@ import torch
 from transformers.utils import logging
 
 from ..constants import STATS_NAME, TRAINING_STATS_NAME
-from ..errors import BudgetError, SignLockConfigError
+from ..errors import BudgetError, ModelLoadError, SignLockConfigError
 from ..targets import find_target_modules
 from .bits import write_bits_report
 from .budget import bits_per_weight_for_file
@@ -112,7 +113,14 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: st
     if bits_per_weight is not None and bits_per_parameter is not None:
         raise SignLockConfigError("Give `bits_per_weight` (the target layers' budget) or `bits_per_parameter` (the "
                                   "whole file's), not both.")
+    for name, value in (("bits_per_weight", bits_per_weight), ("bits_per_parameter", bits_per_parameter)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value <= 0):
+            raise SignLockConfigError(f"`{name}` must be a finite number > 0, got {value!r}.")
+    if codec_params is not None:  # types and names checked before any work, not after loading and calibrating
+        SignLockConfig(sign_source="packed", codec=codec or "vq", codec_params=codec_params)
     save_dtype = getattr(torch, dtype or "bfloat16")
+    _check_run_dir(run_dir)
     check_destination(run_dir, out_dir, overwrite)
     model = AutoModelForCausalLM.from_pretrained(run_dir, dtype="auto")
     signs = signs_of_run(run_dir, model)
@@ -165,6 +173,19 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: st
             shutil.copy(Path(run_dir, STATS_NAME), Path(staging, TRAINING_STATS_NAME))
         report = write_bits_report(staging, extra or None)
     return report
+
+
+def _check_run_dir(run_dir) -> None:
+    """RUN_DIR is a model folder (config.json beside the weights) or a Hub id; anything else is refused by name
+    before any work."""
+    path = Path(run_dir)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"RUN_DIR {run_dir} has no config.json: pass a training run's output folder or a "
+                                 "model folder written by save_pretrained.")
+    elif path.exists() or str(run_dir).startswith((".", "/", "~")) or str(run_dir).count("/") > 1:
+        raise ModelLoadError(f"RUN_DIR {run_dir} is not a model folder (nor a Hub id): pass a training run's output "
+                             "folder, a model folder, or a Hub id.")
 
 
 def check_destination(run_dir, out_dir, overwrite: bool) -> None:
