@@ -19,6 +19,7 @@ from .errors import (
     BudgetError,
     CorruptCheckpointError,
     DataError,
+    HubUnreachableError,
     MissingDependencyError,
     ModelLoadError,
     NonFiniteLossError,
@@ -55,6 +56,7 @@ _LAZY = {
     "SignLockLoraLinear": "hf_signlock.quantization.lora",
     "push_to_hub": "hf_signlock.hub",
     "push_folder": "hf_signlock.hub",
+    "write_model_card": "hf_signlock.cards",
     # training
     "SignLockTrainer": "hf_signlock.training.trainer",
     "SignLockTrainingArguments": "hf_signlock.training.arguments",
@@ -104,6 +106,7 @@ __all__ = [
     "BudgetError",
     "CorruptCheckpointError",
     "DataError",
+    "HubUnreachableError",
     "FlipTracker",
     "InitDistribution",
     "MissingDependencyError",

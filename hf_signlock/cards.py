@@ -4,18 +4,23 @@
 The export card's metadata names what the Hub indexes: ``base_model`` with ``base_model_relation: quantized``,
 ``pipeline_tag: text-generation``, the data the numbers were measured on, and a model-index of bits per weight,
 perplexity and flip rate. Reading files only, it imports nothing of training or quantization.
+
+``write_model_card(folder)`` writes an export's card as its ``README.md`` (atomically), so that the card can be read
+before anything is pushed; ``hf-signlock push`` writes it again with the repo id, base model and tags it pushes with.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .constants import BPW_NAME, EVAL_NAME, QUANT_METHOD, STATS_NAME, TRAINING_STATS_NAME
+from .constants import BPW_NAME, CARD_NAME, EVAL_NAME, QUANT_METHOD, STATS_NAME, TRAINING_STATS_NAME
 from .errors import SignLockError
 
 TEMPLATES = Path(__file__).resolve().parent / "model_cards"  # package data (a link to the top-level model_cards/)
@@ -83,6 +88,9 @@ def export_card(folder: str | os.PathLike, model_id: str, base_model: str | None
                             f"count its bits with hf_signlock.write_bits_report({str(folder)!r}).")
     training = _read(folder, TRAINING_STATS_NAME)
     evaluation = _read(folder, EVAL_NAME)  # the export's own perplexity, when it was evaluated
+    sealed = config["quantization_config"].get("config_checksum")
+    if evaluation is not None and sealed and evaluation.get("checkpoint_checksum") != sealed:
+        evaluation = None  # measured on another checkpoint (an earlier export, a copied file): not this one's figure
     run_data = (training or {}).get("dataset") or UNKNOWN_DATA
     if evaluation is not None:
         perplexity, source, dataset = evaluation["perplexity"], "this compressed model", evaluation.get("dataset")
@@ -119,3 +127,34 @@ def export_card(folder: str | os.PathLike, model_id: str, base_model: str | None
         target_embeddings=bool(quantization.get("target_embeddings")), has_head="head" in kinds,
         **report["total"],
     )
+
+
+def model_card(folder: str | os.PathLike, model_id: str | None = None, base_model: str | None = None,
+               tags: Iterable[str] | None = None) -> ModelCard:
+    """The card ``hf-signlock push`` uploads with the export in ``folder``: ``export_card`` with ``tags`` added to its
+    own. ``model_id`` (the repo id its snippets load) defaults to ``folder`` itself, which loads locally."""
+    card = export_card(folder, model_id or str(folder), base_model)
+    for tag in tags or ():
+        if tag not in card.data.tags:
+            card.data.tags.append(tag)
+    return card
+
+
+def write_model_card(folder: str | os.PathLike, model_id: str | None = None, base_model: str | None = None,
+                     tags: Iterable[str] | None = None) -> Path:
+    """Write the model card of the export in ``folder`` (``model_card``, from the folder's own files) to
+    ``folder/README.md``, atomically (a temporary file renamed over it); returns its path. Call it again after
+    adding ``eval.json``: the card shows the perplexity it holds."""
+    card = model_card(folder, model_id, base_model, tags)
+    path = Path(folder) / CARD_NAME
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{CARD_NAME}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", newline="", encoding="utf-8") as stream:  # newline="": as ModelCard.save
+            stream.write(str(card))
+        # mkstemp makes the file private: give the card the permissions of the export's config.json instead
+        os.chmod(temporary, (path.parent / "config.json").stat().st_mode & 0o777)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path

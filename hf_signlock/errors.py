@@ -56,3 +56,8 @@ class BaseArchitectureError(BaseModelError):
 
 class BaseSignsMismatchError(BaseModelError):
     """The base model's signs are not those the checkpoint was exported against (their checksum differs)."""
+
+
+class HubUnreachableError(SignLockError, ConnectionError):
+    """The Hugging Face Hub cannot be reached: offline mode (``HF_HUB_OFFLINE=1``), no network, a refused
+    connection or a timeout. The message names the Hub address and what to do; nothing was uploaded."""

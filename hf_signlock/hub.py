@@ -5,43 +5,97 @@
 ``push_folder(folder, repo_id)`` uploads an export folder (``hf-signlock push``). ``model.push_to_hub`` itself works
 too and uploads a loadable checkpoint, with transformers' generic card (tagged ``hf-signlock``) instead of ours and no
 ``bpw.json``. ``HF_ENDPOINT`` chooses the Hub, as everywhere in huggingface_hub.
+
+A Hub that cannot be reached (offline mode, ``HF_HUB_OFFLINE=1``; no network; a refused connection; a timeout) is
+``HubUnreachableError``, whose message names the Hub's address and what to do, not the HTTP client's traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import tempfile
-from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from .cards import export_card, hub_base_model
-from .constants import CARD_NAME, QUANT_METHOD
-from .errors import SignLockError
+from .cards import hub_base_model, model_card, write_model_card
+from .constants import QUANT_METHOD
+from .errors import HubUnreachableError, SignLockError
 from .quantization.bits import write_bits_report
+
+# (module, class) of the HTTP clients' "no connection" errors; looked up only in modules already imported
+_CONNECTION_ERRORS = (("requests", "ConnectionError"), ("requests", "Timeout"), ("httpx", "TransportError"),
+                      ("httpx2", "TransportError"))
+
+
+def _unreachable_kinds() -> tuple[type[BaseException], ...]:
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    kinds = [OfflineModeIsEnabled, ConnectionError, TimeoutError]
+    for module, name in _CONNECTION_ERRORS:
+        kind = getattr(sys.modules.get(module), name, None)
+        if isinstance(kind, type) and issubclass(kind, BaseException):
+            kinds.append(kind)
+    return tuple(kinds)
+
+
+def hub_unreachable(error: BaseException, endpoint: str) -> HubUnreachableError | None:
+    """``error`` (or an error it was raised from) as a ``HubUnreachableError`` when it says the Hub at ``endpoint``
+    cannot be reached (offline mode, a refused or failed connection, a timeout); None for any other error (an
+    HTTP status from a Hub that answered, a bad argument)."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    kinds, seen = _unreachable_kinds(), set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OfflineModeIsEnabled):
+            return HubUnreachableError(
+                f"cannot push to the Hub ({endpoint}): huggingface_hub is in offline mode (HF_HUB_OFFLINE="
+                f"{os.environ.get('HF_HUB_OFFLINE', '1')}). Unset HF_HUB_OFFLINE (or set it to 0) on a machine that "
+                "reaches the Hub and push again; nothing was uploaded.")
+        if isinstance(error, kinds) and not isinstance(error, HfHubHTTPError):
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            return HubUnreachableError(
+                f"cannot reach the Hugging Face Hub at {endpoint} ({type(error).__name__}: {reason}). Check the "
+                "network connection, proxy settings and HF_ENDPOINT, then push again; nothing was committed.")
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextlib.contextmanager
+def reaching_hub(endpoint: str):
+    """Run Hub calls, turning "the Hub cannot be reached" errors into ``HubUnreachableError`` (others pass)."""
+    try:
+        yield
+    except Exception as error:
+        mapped = hub_unreachable(error, endpoint)
+        if mapped is None:
+            raise
+        raise mapped from error
 
 
 def push_folder(folder: str | os.PathLike, repo_id: str, *, commit_message: str | None = None,
                 commit_description: str | None = None, private: bool | None = None, token: bool | str | None = None,
                 revision: str | None = None, create_pr: bool = False, tags: list[str] | None = None,
                 base_model: str | None = None) -> str:
-    """Write the model card into ``folder`` (its ``README.md``) and upload the folder to ``repo_id`` in one commit,
-    on branch ``revision`` (created from main if missing) or in a new pull request with ``create_pr``. Returns the
-    commit's URL, or the pull request's."""
-    card = export_card(folder, repo_id, base_model)  # refuses a folder that is no export before the repo is created
+    """Write the model card into ``folder`` (its ``README.md``, ``cards.write_model_card`` with the repo's id,
+    ``base_model`` and ``tags``) and upload the folder to ``repo_id`` in one commit, on branch ``revision`` (created
+    from main if missing) or in a new pull request with ``create_pr``. Returns the commit's URL, or the pull
+    request's. A Hub that cannot be reached raises ``HubUnreachableError``, before the card is written when it
+    cannot be reached at all."""
+    model_card(folder, repo_id, base_model)  # refuses a folder that is no export before the Hub is contacted
     api = HfApi(token=token)
-    full_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if full_id != repo_id:  # a bare name lands in the token's namespace: the card's snippets need the full id
-        card = export_card(folder, full_id, base_model)
-    for tag in tags or ():
-        if tag not in card.data.tags:
-            card.data.tags.append(tag)
-    card.save(Path(folder) / CARD_NAME)
-    if revision is not None and not revision.startswith("refs/pr/"):  # the Hub refuses commits to a missing branch
-        api.create_branch(full_id, branch=revision, exist_ok=True)
-    info = api.upload_folder(repo_id=full_id, folder_path=str(folder), commit_message=commit_message or
-                             "Upload SignLock model", commit_description=commit_description, revision=revision,
-                             create_pr=create_pr)
+    with reaching_hub(api.endpoint):
+        full_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    # a bare name lands in the token's namespace: the card's snippets name the full id
+    write_model_card(folder, full_id, base_model, tags)
+    with reaching_hub(api.endpoint):
+        if revision is not None and not revision.startswith("refs/pr/"):  # the Hub refuses commits to a missing branch
+            api.create_branch(full_id, branch=revision, exist_ok=True)
+        info = api.upload_folder(repo_id=full_id, folder_path=str(folder), commit_message=commit_message or
+                                 "Upload SignLock model", commit_description=commit_description, revision=revision,
+                                 create_pr=create_pr)
     return str(info.pr_url if create_pr and info.pr_url else info)
 
 

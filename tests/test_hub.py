@@ -95,7 +95,8 @@ def test_cli_push_honours_revision_pr_message_and_base_model(tmp_path):
     model, run = _run_folder(tmp_path)
     out = tmp_path / "export"
     export_run(run, out, codec="exact", dtype="float32")  # norms kept in float32: the logits stay bit-identical
-    evaluation = {"perplexity": 61.25, "eval_loss": 4.115, "tokens": 1024, "blocks": 8,
+    checksum = json.loads((out / "config.json").read_text())["quantization_config"]["config_checksum"]
+    evaluation = {"perplexity": 61.25, "eval_loss": 4.115, "tokens": 1024, "blocks": 8, "checkpoint_checksum": checksum,
                   "dataset": "Shakespeare, held-out split (the last 5% of the text), 128-token blocks"}
     (out / "eval.json").write_text(json.dumps(evaluation))
     pushed = f"""

@@ -3,8 +3,9 @@
     hf-signlock eval MODEL [--dataset DATASET] [--window 1024 --stride 512] [--reference REF] [--output FILE.json]
 
 MODEL is a local folder or a Hub id, dense or SignLock. DATASET is a text/json/csv/parquet file, a folder, or a
-``datasets`` name; by default the held-out split of the run's own data. ``--output FILE.json`` writes the result
-and ``FILE.md``, a short report; without it the result goes to ``MODEL/eval.json`` for a local folder. Several
+``datasets`` name; by default the held-out split of the run's own data. The result is printed; ``--output
+FILE.json`` also writes it, with ``FILE.md``, a short report. Nothing is written without it: MODEL's own
+``eval.json``, the perplexity its model card shows, changes only when asked (``--output MODEL/eval.json``). Several
 processes (``torchrun --nproc_per_node N -m hf_signlock eval ...`` or ``accelerate launch``) share the windows.
 """
 
@@ -34,8 +35,13 @@ def add_parser(commands) -> None:
     option(parser, "max_tokens", type=int, default=None, help="score only the first N tokens (quick runs)")
     option(parser, "reference", default=None,
            help="signs to count flips against (a run, an export, a model); default: what the model records")
-    option(parser, "output", default=None, help="write the result to FILE.json and a report to FILE.md")
+    option(parser, "output", default=None,
+           help="write the result to FILE.json and a report to FILE.md (default: print only; MODEL/eval.json is "
+                "what an export's model card shows)")
     option(parser, "config", default=None, help="recipe whose data settings give the default text (default: the run's)")
+    option(parser, "recorded_data", action="store_true",
+           help="read the local data files MODEL's recorded training settings name outside its folder (refused "
+                "otherwise: a checkpoint's files are input)")
 
 
 def _init_distributed():
@@ -58,7 +64,6 @@ def run(args, rest) -> int:
     """Run ``hf-signlock eval``; returns the exit code."""
     import torch
 
-    from ..constants import EVAL_NAME
     from ..evaluation.perplexity import evaluate_model, markdown_report
 
     data_args = None
@@ -71,7 +76,7 @@ def run(args, rest) -> int:
         result = evaluate_model(args.model, args.dataset, dataset_config_name=args.dataset_config_name,
                                 split=args.split, text_column=args.text_column, window=args.window,
                                 stride=args.stride, batch_size=args.batch_size, max_tokens=args.max_tokens,
-                                reference=args.reference, data_args=data_args)
+                                reference=args.reference, data_args=data_args, recorded_data=args.recorded_data)
     finally:
         if started:
             torch.distributed.destroy_process_group()
@@ -84,10 +89,6 @@ def run(args, rest) -> int:
         output.write_text(json.dumps(result, indent=2, default=str))
         output.with_suffix(".md").write_text(markdown_report(result))
         written = [str(output), str(output.with_suffix(".md"))]
-    elif Path(args.model).is_dir():  # as before: the folder's own eval.json (the model card reads it)
-        path = Path(args.model, EVAL_NAME)
-        path.write_text(json.dumps(result, indent=2, default=str))
-        written = [str(path)]
     extra = "".join(f", {key} {result[key]:.4g}" for key in ("bpw", "flip_rate") if key in result)
     print(f"{args.model}: perplexity {result['perplexity']:.4f} over {result['tokens']:,} tokens (window "
           f"{result['window']}, stride {result['stride']}){extra}; {result['dataset']}"

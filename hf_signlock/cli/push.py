@@ -14,7 +14,7 @@ def add_parser(commands) -> None:
     option(parser, "revision", default=None, help="branch to push to (created from main if missing)")
     option(parser, "create_pr", action="store_true", help="open a pull request instead of committing")
     option(parser, "commit_message", default=None, help="default: 'Upload SignLock model'")
-    option(parser, "commit_description", default=None)
+    option(parser, "commit_description", default=None, help="longer description of the commit (default: none)")
     option(parser, "base_model", default=None, help="Hub id of the model this one was compressed from (for the card)")
     option(parser, "tags", nargs="*", default=None, help="tags added to the card's")
 

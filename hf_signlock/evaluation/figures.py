@@ -4,8 +4,12 @@
   shape (left), and every tested layer's KS p-value (right, log scale, the 1% line drawn);
 - ``rank_errors.png``: relative rank-r error against r, mean over tested layers with its range, for sign(W), the
   Rademacher matrix and |W|;
-- ``flips.png``: flip rate (when there is a reference) and near-zero fraction per layer;
-- ``crossings.png``: the crossing-count histogram of training with the fitted geometric tail (when recorded).
+- ``flips.png``: flip rate (when there is a reference) and near-zero fraction per layer, each bar named by its
+  layer; a panel whose values are all zero says so ("no flips") instead of drawing an empty chart;
+- ``crossings.png``: the crossing-count histogram of training with the fitted geometric tail (when recorded), on
+  integer crossing counts, the fit drawn only on bins that hold weights.
+
+``flips_figure`` and ``crossings_figure`` return the matplotlib figure (``write_figures`` saves and closes them).
 """
 
 from __future__ import annotations
@@ -101,39 +105,90 @@ def _rank_errors(plt, tested, ranks, output_dir) -> str:
     return _save(plt, figure, output_dir, "rank_errors.png")
 
 
-def _flips(plt, layers, output_dir) -> str:
+MAX_LAYER_LABELS = 64  # above this, every k-th layer is named on the x axis
+
+
+def _bars(axis, values, color, label: str, nothing: str) -> None:
+    """Bars of ``values`` from 0; when every one is 0, an axis from 0 to 1 that says ``nothing`` instead of
+    matplotlib's empty -0.04..0.04 one."""
+    axis.bar(range(len(values)), values, width=0.8, color=color)
+    axis.set_ylabel(label)
+    if any(values):
+        axis.set_ylim(bottom=0)
+    else:
+        axis.set_ylim(0, 1)
+        axis.set_yticks([0])
+        axis.text(0.5, 0.5, nothing, transform=axis.transAxes, ha="center", va="center", fontsize=11)
+
+
+def flips_figure(plt, layers: list[dict]):
+    """The figure of ``flips.png``: flip rate (with a reference) and near-zero fraction of each target layer, in
+    model order, the layers named below the bars; returns the matplotlib figure."""
     has_flips = layers[0]["flip_rate"] is not None
-    figure, axes = plt.subplots(2 if has_flips else 1, 1, figsize=(10, 6 if has_flips else 3.5), sharex=True,
+    figure, axes = plt.subplots(2 if has_flips else 1, 1, figsize=(10, 7.5 if has_flips else 5), sharex=True,
                                 squeeze=False)
-    x = range(len(layers))
+    weights = sum(entry["weights"] for entry in layers)
     row = 0
     if has_flips:
-        axes[0][0].bar(x, [entry["flip_rate"] for entry in layers], width=1.0)
-        axes[0][0].set_ylabel("flip rate")
+        _bars(axes[0][0], [entry["flip_rate"] for entry in layers], "tab:blue", "flip rate",
+              f"no flips: all {weights:,} target weights keep their reference sign")
         axes[0][0].set_title("Flip rate against the reference signs, per target layer")
         row = 1
-    axes[row][0].bar(x, [entry["near_zero_fraction"] for entry in layers], width=1.0, color="tab:orange")
-    axes[row][0].set_ylabel("near-zero fraction")
-    axes[row][0].set_xlabel("target layer (model order)")
+    bottom = axes[row][0]
+    _bars(bottom, [entry["near_zero_fraction"] for entry in layers], "tab:orange", "near-zero fraction",
+          "no near-zero weights")
     if not has_flips:
-        axes[row][0].set_title("Near-zero fraction per target layer (no reference signs)")
-    return _save(plt, figure, output_dir, "flips.png")
+        bottom.set_title("Near-zero fraction per target layer (no reference signs)")
+    step = -(-len(layers) // MAX_LAYER_LABELS)  # ceil: at most MAX_LAYER_LABELS names
+    shown = range(0, len(layers), step)
+    bottom.set_xticks(list(shown), [_short(layers[i]["name"]) for i in shown], rotation=90, fontsize=7)
+    bottom.set_xlim(-0.6, len(layers) - 0.4)
+    bottom.set_xlabel("target layer (model order)" + (f", every {step}th named" if step > 1 else ""))
+    return figure
 
 
-def _crossings(plt, training, output_dir) -> str:
-    histogram = training["crossing_histogram"]
+def _flips(plt, layers, output_dir) -> str:
+    return _save(plt, flips_figure(plt, layers), output_dir, "flips.png")
+
+
+def _count_label(value, _position) -> str:
+    return f"{value:,.0f}" if value >= 1 and float(value).is_integer() else ""
+
+
+def crossings_figure(plt, training: dict):
+    """The figure of ``crossings.png``: how many target weights crossed zero N times during training (bins up to
+    the last one that holds weights, integer ticks), with the fitted geometric tail drawn on the bins that hold
+    weights; returns the matplotlib figure."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+
+    histogram = [max(int(n), 0) for n in training["crossing_histogram"]]
     ratio = training["geometric_tail_ratio"]
+    last = max((k for k, n in enumerate(histogram) if n > 0), default=0)
+    histogram = histogram[:last + 1]
     figure, axis = plt.subplots(figsize=(6.5, 4.5))
     ks = list(range(len(histogram)))
-    axis.bar(ks, [max(n, 0) for n in histogram], label="weights with N crossings")
-    if ratio is not None and len(histogram) > 1:
-        # the geometric tail fitted beyond one crossing: #(N = k) = S(1) (1 - r) r^(k-1) for k >= 1
-        survivors = sum(histogram[1:])
-        fit = [survivors * (1 - ratio) * ratio ** (k - 1) for k in ks[1:]]
-        axis.plot(ks[1:], fit, color="red", marker=".", label=f"geometric tail, r = {ratio:.3g}")
+    axis.bar(ks, histogram, width=0.8, label="weights with N crossings")
+    survivors = sum(histogram[1:])
+    if ratio is not None and survivors:
+        # the geometric tail fitted beyond one crossing: #(N = k) = S(1) (1 - r) r^(k-1) for k >= 1; NaN on empty
+        # bins, so that the line breaks there instead of running through bins no weight is in
+        fit = [survivors * (1 - ratio) * ratio ** (k - 1) if histogram[k] else float("nan") for k in ks[1:]]
+        axis.plot(ks[1:], fit, color="red", marker="o", markersize=4, label=f"geometric tail, r = {ratio:.3g}")
+    if not survivors:
+        axis.text(0.5, 0.5, "no weight crossed zero during training", transform=axis.transAxes, ha="center",
+                  va="center", fontsize=11)
     axis.set_yscale("log")
+    axis.set_ylim(bottom=0.5)  # a bin of one weight shows; counts are whole numbers, so are the labels
+    axis.yaxis.set_major_formatter(FuncFormatter(_count_label))
+    axis.yaxis.set_minor_formatter(NullFormatter())
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_xlim(-0.6, len(histogram) - 0.4)
     axis.set_xlabel("crossing count N")
     axis.set_ylabel("target weights")
     axis.set_title("Sign crossings during training")
     axis.legend()
-    return _save(plt, figure, output_dir, "crossings.png")
+    return figure
+
+
+def _crossings(plt, training, output_dir) -> str:
+    return _save(plt, crossings_figure(plt, training), output_dir, "crossings.png")

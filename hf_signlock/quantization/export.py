@@ -172,6 +172,9 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: st
         if Path(run_dir, STATS_NAME).exists():  # the card and `evaluate` read the training run's figures from here
             shutil.copy(Path(run_dir, STATS_NAME), Path(staging, TRAINING_STATS_NAME))
         report = write_bits_report(staging, extra or None)
+        from ..cards import write_model_card  # lazy: huggingface_hub's card code stays out of the quantization import
+
+        write_model_card(staging, model_id=str(out_dir))  # README.md: the card `hf-signlock push` would upload
     return report
 
 

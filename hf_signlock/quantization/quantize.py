@@ -12,6 +12,7 @@ it becomes its ``SignLockTiedHead``). The config becomes ``model.config.quantiza
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -118,6 +119,20 @@ def check_budget_is_possible(targets: dict[str, nn.Module], config: SignLockConf
         )
 
 
+@contextlib.contextmanager
+def _progress_bar(**kwargs):
+    """A tqdm bar closed when the block ends; on an error (a budget that does not fit) it is cleared first, so that
+    the error prints on a line of its own instead of after a half-drawn bar."""
+    bar = logging.tqdm(**kwargs)
+    try:
+        yield bar
+    except BaseException:
+        bar.leave = False
+        bar.close()
+        raise
+    bar.close()
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, config: SignLockConfig, hessians: dict[str, torch.Tensor] | None = None
                    ) -> nn.Module:
@@ -135,39 +150,39 @@ def quantize_model(model: nn.Module, config: SignLockConfig, hessians: dict[str,
     weights = {f"{name}.weight": module.weight.detach().cpu() for name, module in targets.items()}
     if config.sign_source == "base":  # same targets and shapes as the base; its checksum goes into the config
         check_base_signs(config, {name: tuple(weight.shape) for name, weight in weights.items()}, exporting=True)
-    progress = logging.tqdm(total=2 * len(weights), desc="SignLock: signs and codes", unit="layer")
-    signs = {}
-    for name, weight in weights.items():
-        signs[name] = _sign_tensors(name, weight, config)
-        progress.update()
-    _warn_if_not_seeded(signs, weights, config)
-    modules = {f"{name}.weight": module for name, module in targets.items()}
-    budget = config.budget
-    budgets = {name: None for name in weights}
-    if budget is not None:
-        overhead = layer_overhead_bits(targets, config, {n: s[1]["flip_bytes"] for n, s in signs.items()},
-                                  model_bytes(model))
-        # Signs, biases and overhead are paid first, layer by layer; the bits left are shared by all the weights
-        # alike, so a layer whose signs cost more (packed) takes them from the whole budget, not from its magnitudes.
-        fixed = sum(8 * sum(t.numel() for t in signs[name][0].values()) + _bias_bits(modules[name]) + overhead[name]
-                    for name in weights)
-        total = sum(weight.numel() for weight in weights.values())
-        per_weight = (budget * total - fixed) / total
-        budgets = {name: per_weight * weight.numel() for name, weight in weights.items()}
-    codec = make_codec(config.codec, config.codec_params)
-    plan = codec.plan({name: (tuple(weight.shape), budgets[name]) for name, weight in weights.items()})
-
-    def encoded_one_by_one(names):
-        for name in names:
-            yield name
+    with _progress_bar(total=2 * len(weights), desc="SignLock: signs and codes", unit="layer") as progress:
+        signs = {}
+        for name, weight in weights.items():
+            signs[name] = _sign_tensors(name, weight, config)
             progress.update()
+        _warn_if_not_seeded(signs, weights, config)
+        modules = {f"{name}.weight": module for name, module in targets.items()}
+        budget = config.budget
+        budgets = {name: None for name in weights}
+        if budget is not None:
+            overhead = layer_overhead_bits(targets, config, {n: s[1]["flip_bytes"] for n, s in signs.items()},
+                                           model_bytes(model))
+            # Signs, biases and overhead are paid first, layer by layer; the bits left are shared by all the weights
+            # alike, so a layer whose signs cost more (packed) takes them from the whole budget, not from its
+            # magnitudes.
+            fixed = sum(8 * sum(t.numel() for t in signs[name][0].values()) + _bias_bits(modules[name])
+                        + overhead[name] for name in weights)
+            total = sum(weight.numel() for weight in weights.values())
+            per_weight = (budget * total - fixed) / total
+            budgets = {name: per_weight * weight.numel() for name, weight in weights.items()}
+        codec = make_codec(config.codec, config.codec_params)
+        plan = codec.plan({name: (tuple(weight.shape), budgets[name]) for name, weight in weights.items()})
 
-    if hessians is not None and codec.calibrated:
-        encoded = _encode_calibrated(codec, weights, modules, plan, hessians, encoded_one_by_one)
-    else:
-        encoded = codec.encode_all({name: (lambda w=weight: w.abs()) for name, weight in weights.items()}, plan,
-                                   progress=encoded_one_by_one)
-    progress.close()
+        def encoded_one_by_one(names):
+            for name in names:
+                yield name
+                progress.update()
+
+        if hessians is not None and codec.calibrated:
+            encoded = _encode_calibrated(codec, weights, modules, plan, hessians, encoded_one_by_one)
+        else:
+            encoded = codec.encode_all({name: (lambda w=weight: w.abs()) for name, weight in weights.items()}, plan,
+                                       progress=encoded_one_by_one)
     records, layers = {}, {}
     for (module_name, module), (param_name, weight) in zip(targets.items(), weights.items()):
         sign_tensors, sign_record = signs.pop(param_name)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from ..cli.options import escape_parser_help
 from ..data import DataArguments
 from ..errors import RecipeError
 from ..yaml_mapping import read_yaml_mapping
@@ -50,8 +51,9 @@ class _RecipeParser(HfArgumentParser):
 
 
 def make_parser() -> HfArgumentParser:
-    """The parser of recipes and ``hf-signlock train`` flags: the fields of the three argument dataclasses."""
-    return _RecipeParser(ARGUMENT_CLASSES)
+    """The parser of recipes and ``hf-signlock train`` flags: the fields of the three argument dataclasses (their
+    help texts escaped for argparse's %-formatting, so that ``--help`` prints a "6.4%" as written)."""
+    return escape_parser_help(_RecipeParser(ARGUMENT_CLASSES))
 
 
 def parse_recipe(config: str | Path | None = None, argv: Sequence[str] = ()):

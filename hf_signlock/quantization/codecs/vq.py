@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from transformers.utils import logging
 
@@ -21,6 +22,24 @@ from ..bitpack import pack_uint, packed_bytes, unpack_uint, unpack_uint_at
 from .base import BF16_BITS, FLOOR, MagnitudeCodec, row_positions
 
 logger = logging.get_logger(__name__)
+
+# The budget's own digits are stored (config.json): a longer number than the one that failed costs a few more
+# bytes of overhead. The "raise by" of the budget errors allows 8 bytes for it, so that the number printed fits.
+_SLACK_BITS = 64
+
+
+def _rounded_up(bits_per_weight: float) -> str:
+    """A shortfall to 3 decimals, rounded up: raising the budget by the number printed is enough."""
+    return f"{math.ceil(bits_per_weight * 1000 - 1e-9) / 1000:.3f}"
+
+
+def _what_is_left(per_weight: float, paid: str) -> str:
+    """The magnitudes' share of a budget, in words: what is left per weight once ``paid`` are, or how far over it
+    ``paid`` already are."""
+    if per_weight >= 0:
+        return f"the budget leaves {per_weight:.3f} a weight once {paid} are paid"
+    return f"{paid} alone already take {-per_weight:.3f} bits per weight more than the budget"
+
 
 class VectorCodec(MagnitudeCodec):
     """Row scales x a k-means codebook over groups; parameters chosen per layer to fit the budget."""
@@ -84,10 +103,52 @@ class VectorCodec(MagnitudeCodec):
         for row_scales, b, g in self._candidates(shape):
             if budget_bits is None or self._bits(shape, b, g, row_scales) <= budget_bits:
                 return {"bits": b, "group": g, "row_scales": row_scales, **self._extra()}
+        weights = shape[0] * shape[1]
+        least = min(int(bits.min()) for bits in self._least_bits(shape, codebook=True).values())
         raise BudgetError(
             f"codec 'vq' cannot fit a {shape[0]}x{shape[1]} layer in {budget_bits:.0f} bits with a codebook of its "
-            "own. Raise the bits per weight, or share one codebook across layers: codec_params {\"shared\": true}."
+            f"own: it needs at least {least} bits ({least / weights:.3f} a weight: codes, row scales and codebook), "
+            f"and {_what_is_left(budget_bits / weights, 'its signs, bias and records')}. Raise the bits per weight "
+            f"(bits_per_weight) by at least {_rounded_up((least + _SLACK_BITS - budget_bits) / weights)}, or share one "
+            "codebook across layers: codec_params {\"shared\": true}."
         )
+
+    def _least_bits(self, shape, codebook: bool) -> dict[int, np.ndarray]:
+        """``bits -> array over group (the candidates' groups for a layer as wide as shape)`` of the fewest bits
+        a layer of ``shape`` stores with those codes: its cheapest allowed row scales, with or without a codebook.
+        For the budget errors, which name the smallest budget that fits."""
+        scales = [self.params["row_scales"]] if "row_scales" in self.params else self._ROW_SCALES
+        scale_bits = min(self._scale_bits(shape, s) for s in scales if s in self._ROW_SCALES)
+        groups = np.array([int(g) for g in self._group_candidates(shape)], dtype=np.int64)
+        count = -(-(shape[0] * shape[1]) // groups)
+        result = {}
+        for b in ([int(self.params["bits"])] if self.params.get("bits") else self._BITS):
+            book = BF16_BITS * (1 << b) * groups if codebook else 0
+            result[b] = 8 * ((count * b + 7) // 8) + book + scale_bits
+        return result
+
+    def _group_candidates(self, shape):
+        return [int(self.params["group"])] if self.params.get("group") else range(1, 4 * shape[1] + 1)
+
+    def _shared_shortfall(self, layers) -> tuple[float, float]:
+        """(the fewest bits per weight the layers' magnitudes need with one shared codebook, what their budgets
+        leave per weight), over the layers that have a budget: for the error of ``_plan_shared``."""
+        budgeted = {name: (shape, budget) for name, (shape, budget) in layers.items() if budget is not None}
+        total = sum(math.prod(shape) for shape, _ in layers.values())
+        widest = max(layers.values(), key=lambda item: item[0][1])[0]
+        groups = np.array([int(g) for g in self._group_candidates(widest)], dtype=np.int64)
+        left = sum(budget for _, budget in budgeted.values()) / sum(math.prod(s) for s, _ in budgeted.values())
+        best = math.inf
+        for b in ([int(self.params["bits"])] if self.params.get("bits") else self._BITS):
+            # each layer pays its codes and scales and its share of the book: it must fit its own budget
+            deficit = np.full(len(groups), -np.inf)
+            for shape, budget in budgeted.values():
+                count = -(-(shape[0] * shape[1]) // groups)
+                scales = [self.params["row_scales"]] if "row_scales" in self.params else self._ROW_SCALES
+                own = 8 * ((count * b + 7) // 8) + min(self._scale_bits(shape, s) for s in scales)
+                deficit = np.maximum(deficit, (own - budget) / math.prod(shape))
+            best = min(best, float((deficit + BF16_BITS * (1 << b) * groups / total).min()))
+        return left + best, left
 
     def plan(self, layers):
         shared = self.params.get("shared")
@@ -123,9 +184,13 @@ class VectorCodec(MagnitudeCodec):
             else:
                 plan[owner]["codebook_owner"] = True
                 return plan
+        need, left = self._shared_shortfall(layers)
+        total = sum(math.prod(shape) for shape, _ in layers.values())
         raise BudgetError(
-            "codec 'vq' cannot fit the budget even with one codebook shared by all layers (the codes, the layer "
-            "scales and the layer records alone need more). Raise the bits per weight."
+            "codec 'vq' cannot fit the budget even with one codebook shared by all layers: their magnitudes need at "
+            f"least {need:.3f} bits per weight (codes, row scales and a share of the codebook), and "
+            f"{_what_is_left(left, 'the signs, biases and layer records')}. Raise the bits per weight "
+            f"(bits_per_weight) by at least {_rounded_up(need - left + _SLACK_BITS / total)}."
         )
 
     def _normalise(self, magnitude: torch.Tensor, params: dict):
