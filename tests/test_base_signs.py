@@ -258,3 +258,23 @@ def test_weight_sign_bits_packs_as_pack_signs(dtype, shape):
     bits = weight_sign_bits(weight)
     assert bits.dtype == torch.uint8 and torch.equal(bits, expected)
     assert bits[0].item() & 0b11 == 0b11 or weight.numel() < 2  # 0 and -0 are +1
+
+
+def test_eval_of_an_export_stored_against_a_local_base_takes_the_base_on_the_command_line(setup, tmp_path, capsys):
+    """The export names its base by an absolute path: eval follows it only when the user names it (--base_model)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    root = setup["root"]
+    folder = export(setup["tuned"], tmp_path / "export", sign_source="base", base_model=str(root / "base"))
+    vocab = {chr(97 + i): i for i in range(26)} | {"[UNK]": 26}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 20)
+    args = ["eval", str(folder), "--dataset", str(text), "--window", "16", "--max_tokens", "100"]
+    assert main(args) == 2
+    assert "outside the checkpoint's folder" in capsys.readouterr().err
+    assert main([*args, "--base_model", str(root / "pack")]) == 0
+    assert "perplexity" in capsys.readouterr().out

@@ -39,6 +39,9 @@ def add_parser(commands) -> None:
            help="write the result to FILE.json and a report to FILE.md (default: print only; MODEL/eval.json is "
                 "what an export's model card shows)")
     option(parser, "config", default=None, help="recipe whose data settings give the default text (default: the run's)")
+    option(parser, "base_model", default=None,
+           help="for an export whose signs are stored against a base model: where that base is (a folder, a Hub id "
+                "or a sign pack); a path the export's own config names is followed only inside its folder")
     option(parser, "recorded_data", action="store_true",
            help="read the local data files MODEL's recorded training settings name outside its folder (refused "
                 "otherwise: a checkpoint's files are input)")
@@ -76,7 +79,8 @@ def run(args, rest) -> int:
         result = evaluate_model(args.model, args.dataset, dataset_config_name=args.dataset_config_name,
                                 split=args.split, text_column=args.text_column, window=args.window,
                                 stride=args.stride, batch_size=args.batch_size, max_tokens=args.max_tokens,
-                                reference=args.reference, data_args=data_args, recorded_data=args.recorded_data)
+                                reference=args.reference, data_args=data_args, recorded_data=args.recorded_data,
+                                base_model=args.base_model)
     finally:
         if started:
             torch.distributed.destroy_process_group()

@@ -235,7 +235,8 @@ def sign_flips(model_source: str, model, reference: str | None) -> dict:
 def evaluate_model(model, dataset: str | None = None, *, tokenizer=None, dataset_config_name: str | None = None,
                    split: str | None = None, text_column: str | None = None, window: int | None = None,
                    stride: int | None = None, batch_size: int = 8, max_tokens: int | None = None,
-                   reference: str | None = None, data_args=None, device=None, recorded_data: bool = False) -> dict:
+                   reference: str | None = None, data_args=None, device=None, recorded_data: bool = False,
+                   base_model: str | None = None) -> dict:
     """Perplexity of ``model`` on ``dataset``, the computation behind ``hf-signlock eval``.
 
     ``model``: a local folder or a Hub id (dense or SignLock; loaded with ``from_pretrained``), or a loaded model
@@ -243,6 +244,7 @@ def evaluate_model(model, dataset: str | None = None, *, tokenizer=None, dataset
     None for the held-out split of the run's own data (``data_args`` to override it); see
     :func:`hf_signlock.text.resolve_eval_text`. ``window`` defaults to the model's context (at most
     1024), ``stride`` to half the window. ``max_tokens`` keeps the first tokens of the text (quick runs).
+    ``base_model``: where the base of an export stored against one is (the caller's word: any folder or Hub id).
     ``recorded_data``: read local data files the model's recorded training settings name outside its folder
     (otherwise refused: a checkpoint's files are input). ``reference``: the signs to count flips against (None: what the run or export recorded, if anything).
     ``device``: where a MODEL given by path is loaded (default: this process's GPU, else the CPU); a loaded model
@@ -282,6 +284,13 @@ def evaluate_model(model, dataset: str | None = None, *, tokenizer=None, dataset
                 raise ModelLoadError(f"MODEL {source!r} has no tokenizer that loads: {error}. Save one beside the "
                                      "model (`tokenizer.save_pretrained(folder)`).") from error
         kwargs = {"device_map": {"": device}} if device.type == "cuda" else {}
+        if base_model is not None:
+            from ..quantization.config import SignLockConfig
+            from .references import signlock_quantization_config
+
+            if signlock_quantization_config(source) is None:
+                raise SignLockConfigError(f"--base_model applies to a SignLock export; {source!r} is not one.")
+            kwargs["quantization_config"] = SignLockConfig(base_model=base_model)
         model = load_causal_lm(model, "MODEL", **kwargs)
     window, stride = default_window(model_context(model), window, stride)
     check_window(window, stride, model_context(model))

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from checkpoint_edits import (
@@ -100,7 +100,7 @@ def _huge_table(folder):
 
 def _missing_shard(folder):
     index = json.loads(Path(folder, "model.safetensors.index.json").read_text())
-    victim = sorted(set(index["weight_map"].values()))[-1]
+    victim = max(set(index["weight_map"].values()))
     Path(folder, victim).unlink()
 
 

@@ -27,7 +27,7 @@ def _limit_memory():
 
 def cli(*args, code: str = CLI, timeout: int = TIME_LIMIT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=_limit_memory)
+                          timeout=timeout, preexec_fn=_limit_memory, check=False)
 
 
 def fingerprint(folder: Path) -> dict[str, str]:

@@ -111,7 +111,7 @@ def test_mutated_and_resealed_records_load_or_are_refused(export, tmp_path):
         field = str(rng.choice(["bits", "group", "row_scales", "flip_bytes"]))
         value = int(rng.choice([0, 1, 2, 3, 7, 9, 255, 2 ** 31, 2 ** 62]))
 
-        def mutate(records):
+        def mutate(records, name=name, field=field, value=value):
             if field == "flip_bytes":
                 records[name]["flip_bytes"] = value
             elif field == "row_scales":

@@ -15,12 +15,12 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent)]
 
-import hf_signlock  # noqa: E402,F401  (registers the quantizer)
-from crafted import CASES  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from crafted import CASES
+from transformers import AutoModelForCausalLM
 
-from hf_signlock import SignLockConfig  # noqa: E402
-from hf_signlock.quantization.bits import checkpoint_report  # noqa: E402
+import hf_signlock  # noqa: F401  (registers the quantizer)
+from hf_signlock import SignLockConfig
+from hf_signlock.quantization.bits import checkpoint_report
 
 IDS = [[1, 2, 3, 4, 5, 6]]
 
@@ -58,9 +58,9 @@ def main(root: str, output: str) -> None:
     for name, case in CASES.items():
         folder = root / name / f"export-{case.source}"
         base = root / name / case.base if case.base else None
-        results[name] = {"dense": attempt(lambda: load(folder, base, False)),
-                         "compressed": attempt(lambda: load(folder, base, True)),
-                         "inspect": attempt(lambda: checkpoint_report(folder))}
+        results[name] = {"dense": attempt(lambda f=folder, b=base: load(f, b, False)),
+                         "compressed": attempt(lambda f=folder, b=base: load(f, b, True)),
+                         "inspect": attempt(lambda f=folder: checkpoint_report(f))}
         Path(output).write_text(json.dumps(results, indent=1))  # what finished survives a kill
 
 
