@@ -106,9 +106,20 @@ def loaded_records(model):
     return [m.record for m in model.modules() if hasattr(m, "record") and hasattr(m, "codec_params")]
 
 
+def own_base(folder, kwargs: dict) -> dict:
+    """Loading arguments for an export stored against a base: the bench names the base it exported against (an
+    export's own config is not followed out of its folder), keeping a ``dequantize`` choice in ``kwargs``."""
+    quantization = json.loads(Path(folder, "config.json").read_text()).get("quantization_config") or {}
+    if quantization.get("sign_source") != "base":
+        return kwargs
+    config = kwargs.get("quantization_config") or SignLockConfig()
+    config.base_model = quantization["base_model"]
+    return {**kwargs, "quantization_config": config}
+
+
 def timed_export(run_dir, out: Path, budget: float, **kwargs) -> tuple[dict, float]:
     start = time.perf_counter()
-    report = export_run(run_dir, out, bits_per_weight=budget, **kwargs)
+    report = export_run(run_dir, out, bits_per_weight=budget, overwrite=True, **kwargs)
     return report, time.perf_counter() - start
 
 
@@ -122,7 +133,10 @@ from transformers.utils import logging
 logging.disable_progress_bar()
 torch.set_num_threads(2)
 start = time.perf_counter()
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+quantization = json.load(open(sys.argv[1] + "/config.json")).get("quantization_config") or {}
+kwargs = ({"quantization_config": hf_signlock.SignLockConfig(base_model=quantization["base_model"])}
+          if quantization.get("sign_source") == "base" else {})  # the bench names the base it exported against
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], **kwargs)
 loaded = time.perf_counter() - start
 with torch.no_grad():
     model(torch.randint(0, 1000, (1, 128), generator=torch.Generator().manual_seed(0)))
@@ -173,7 +187,7 @@ def repeated_loads(export: Path, dense: Path, kind: str, repeats: int) -> dict:
 
     def load(folder, forward=False, **kwargs):
         def run():
-            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(folder, **own_base(folder, kwargs))
             if forward:
                 with torch.no_grad():
                     model(prompt)

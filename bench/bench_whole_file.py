@@ -36,6 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
 import hf_signlock  # noqa: F401 (registers the quantizer)
+from hf_signlock import SignLockConfig
 from hf_signlock.evaluation.perplexity import evaluate_model, sliding_window_perplexity
 from hf_signlock.quantization.export import export_run
 from hf_signlock.text import resolve_eval_text
@@ -62,7 +63,7 @@ def train(recipe: str, output_dir: Path, extra: list[str]) -> None:
 
 def timed_export(run: Path, out: Path, **kwargs) -> tuple[dict, float]:
     start = time.perf_counter()
-    report = export_run(run, out, **kwargs)
+    report = export_run(run, out, overwrite=True, **kwargs)
     return report, time.perf_counter() - start
 
 
@@ -135,7 +136,8 @@ def smollm2_rows(budgets: list[float], finetune_budgets: list[float], tokens: in
     for sign_source, budget in finetune_budgets:
         out = work / f"ft-{sign_source}-{budget}"
         report, seconds = timed_export(finetune, out, bits_per_parameter=budget, sign_source=sign_source)
-        ppl = perplexity(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32))
+        given = {"quantization_config": SignLockConfig(base_model=str(folder))} if sign_source == "base" else {}
+        ppl = perplexity(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **given))
         rows.append(row("SmolLM2-135M fine-tune", f"{'signs against the base' if sign_source == 'base' else 'packed signs'}"
                         f", {report['codec']}", out, report, ppl, tuned_dense, budget=budget,
                         export_s=round(seconds, 1), flips=report["total"]["flips"],
