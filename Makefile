@@ -17,7 +17,7 @@ setup: $(STAMP)
 
 quickstart: setup
 	$(BIN)/hf-signlock train --config recipes/quickstart.yaml
-	$(BIN)/hf-signlock export runs/quickstart runs/quickstart-export --bits_per_parameter 1.25 --refine_steps 200 --refine_loss teacher
+	$(BIN)/hf-signlock export runs/quickstart runs/quickstart-export --bits_per_parameter 1.25 --refine_steps 200 --refine_loss teacher --overwrite
 	$(BIN)/hf-signlock eval runs/quickstart-export --output runs/quickstart-export/eval.json
 	$(BIN)/hf-signlock analyze runs/quickstart-export --output runs/quickstart-export/analysis
 	$(BIN)/hf-signlock inspect runs/quickstart-export
