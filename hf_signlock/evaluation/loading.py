@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, SignLockError
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -43,5 +43,10 @@ def load_causal_lm(model: str | os.PathLike, argument: str = "MODEL", **kwargs):
     check_model_folder(model, argument)
     try:
         return AutoModelForCausalLM.from_pretrained(model, **kwargs)
-    except OSError as error:
-        raise ModelLoadError(f"{argument} {str(model)!r} cannot be loaded: {error}") from error
+    except SignLockError:
+        raise
+    except (OSError, ValueError, AttributeError, TypeError, KeyError, RuntimeError) as error:
+        # transformers' own errors on a malformed folder (a config.json that is not JSON, a quantization_config
+        # that is not an object, a size mismatch): one typed line at the CLI instead of a stack
+        raise ModelLoadError(f"{argument} {str(model)!r} cannot be loaded ({type(error).__name__}: "
+                             f"{str(error).splitlines()[0][:300] if str(error) else ''})") from error

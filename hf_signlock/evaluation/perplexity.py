@@ -273,8 +273,9 @@ def evaluate_model(model, dataset: str | None = None, *, tokenizer=None, dataset
 
         try:
             config = AutoConfig.from_pretrained(model)
-        except OSError as error:
-            raise ModelLoadError(f"MODEL {source!r} cannot be loaded: {error}") from error
+        except (OSError, ValueError, AttributeError, TypeError, KeyError) as error:  # a malformed config.json
+            raise ModelLoadError(f"MODEL {source!r} cannot be loaded ({type(error).__name__}: "
+                                 f"{str(error).splitlines()[0][:300] if str(error) else ''})") from error
         context = getattr(config, "max_position_embeddings", None)
         check_window(*default_window(context, window, stride), context)
         if tokenizer is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import resource
 import shutil
 import subprocess
@@ -128,3 +129,20 @@ def test_the_sign_pack_of_an_interrupted_write_keeps_the_old_one(run, tmp_path):
     after = {name: digest for name, digest in fingerprint(tmp_path / "pack").items() if not name.startswith(".")}
     assert after == before
     shutil.rmtree(tmp_path / "pack")
+
+
+@pytest.mark.parametrize("command", ["eval", "inspect"])
+@pytest.mark.parametrize("config_text, pattern", [
+    ("{not json", "cannot be"),
+    (None, "cannot be loaded|not a SignLock checkpoint"),  # quantization_config a string, not an object
+], ids=["not-json", "quantization-config-a-string"])
+def test_a_malformed_config_is_one_typed_line(export, command, config_text, pattern):
+    path = export / "config.json"
+    if config_text is None:
+        config = json.loads(path.read_text())
+        config["quantization_config"] = "signlock"
+        config_text = json.dumps(config)
+    path.write_text(config_text)
+    completed = cli(command, export, *(["--max_tokens", "50"] if command == "eval" else []), timeout=60)
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr, completed.stderr[-2000:]
+    assert re.search(pattern, completed.stderr.strip().splitlines()[-1]), completed.stderr[-500:]
