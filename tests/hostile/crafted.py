@@ -114,6 +114,11 @@ def _index_names(path_for):
     return damage
 
 
+def _base_inside(folder):
+    shutil.copytree(Path(folder).parent / "base", Path(folder) / "base")
+    edit_quantization_config(folder, lambda q: q.update(base_model="base"))
+
+
 CASES: dict[str, Case] = {
     # --- loads garbage --------------------------------------------------------------------------------------------
     "codec-params-edited": Case("vq", _record_params(FIRST, False, bits=1, group=388),
@@ -184,6 +189,13 @@ CASES: dict[str, Case] = {
                                    {"dense": ("BaseModelNotFoundError", "not a file inside"),
                                     "compressed": ("BaseModelNotFoundError", "not a file inside"), "inspect": None},
                                    base="base", kind="reads files named in a file"),
+    "base-model-relative-to-cwd": Case("base", _sealed(base_model="base-model-relative-to-cwd/base"),
+                                       {"dense": ("BaseModelNotFoundError", "outside the checkpoint's folder"),
+                                        "compressed": ("BaseModelNotFoundError", "outside the checkpoint's folder"),
+                                        "inspect": None}, kind="reads files named in a file",
+                                       notes="the worker runs in the cases' root, where this relative path exists"),
+    "base-model-inside-the-export": Case("base", _base_inside, dict.fromkeys(MODES), kind="reads files named in a file",
+                                         notes="control: a base inside the checkpoint's folder is followed"),
     # --- untyped crash --------------------------------------------------------------------------------------------
     "lowrank-rank-0": Case("lowrank", _record_params("model.layers.1.mlp.up_proj.weight", True, rank=0),
                            everywhere("CorruptCheckpointError", "up_proj.weight"), kind="untyped crash"),

@@ -53,7 +53,7 @@ def results(tmp_path_factory):
         build_case(name, sources, root)
     output = root / "results.json"
     completed = subprocess.run([sys.executable, str(Path(__file__).parent / "worker.py"), str(root), str(output)],
-                               preexec_fn=_limit_memory, timeout=TIME_LIMIT, capture_output=True, text=True,
+                               preexec_fn=_limit_memory, timeout=TIME_LIMIT, capture_output=True, text=True, cwd=root,
                                check=False)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(output.read_text())
