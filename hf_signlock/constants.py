@@ -6,13 +6,15 @@ know instead of guessing.
 
 # --- formats ----------------------------------------------------------------------------------------------------------
 SIGNS_FORMAT_VERSION = 1  # the seeded sign generator (see hf_signlock/signs/generator.py and docs/method.md)
-# SignLock checkpoints. 6: a checksum over every field that decides how the bytes decode (`config_checksum`), also
+# SignLock checkpoints. 7: each layer's payload stored under its dense weight's own name (`<layer>.weight`);
+# 6: a checksum over every field that decides how the bytes decode (`config_checksum`), also
 # held by the guard tensor; 5: embeddings and LM head may be targets (`target_embeddings`); 4: XXH3 checksums; 3: compact
 # binary layer records (blake2b); 2: JSON records; 1: a tensor per table
-EXPORT_FORMAT_VERSION = 6
+EXPORT_FORMAT_VERSION = 7
 # 4 and 5 predate the config checksum and load as before; 4 is 5 without target_embeddings
-READABLE_EXPORT_FORMATS = (4, 5, 6)
+READABLE_EXPORT_FORMATS = (4, 5, 6, 7)
 CHECKSUMMED_FORMAT = 6  # from this version the config checksum and the guard holding it are required
+PAYLOAD_AS_WEIGHT_FORMAT = 7  # from this version a layer's payload is stored as `<layer>.weight`
 FLIP_CODE_VERSION = 1  # the coded flip stream inside each layer's payload
 SIGN_PACK_FORMAT_VERSION = 2  # sign packs: a base model's target signs, 1 bit each (base_signs.py). 2: XXH3 checksum
 QUANT_METHOD = "signlock"  # `quantization_config.quant_method` in config.json

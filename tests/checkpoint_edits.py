@@ -99,7 +99,7 @@ def edit_payload(folder, param_name: str, edit) -> None:
     from hf_signlock.quantization.layers import compressed_like
 
     layer = compressed_like(model.get_submodule(param_name.removesuffix(".weight")), param_name, record, signlock)
-    key = param_name.removesuffix("weight") + "payload"
+    key = param_name  # format 7: the payload is stored under the dense weight's own name
     holder = {}
     edit_tensors(folder, lambda tensors: holder.update(payload=tensors[key]))
     payload = holder["payload"]

@@ -52,7 +52,7 @@ def test_every_byte_is_counted_once(export):
             begin, end = entry["data_offsets"]
             size = end - begin + header_entry_bytes(key, entry["dtype"], entry["shape"], begin, end)
             if key.rpartition(".")[0] + "." in targets or key == GUARD_KEY or key in report["layers"]:
-                target_bytes += size  # payloads, biases of targets, and the two guard tensors
+                target_bytes += size  # payloads (under the weights' names), biases of targets, and the guard
             else:
                 other_bytes += size
     config = json.loads((folder / "config.json").read_text())

@@ -30,6 +30,7 @@ from hf_signlock.quantization.budget import bits_per_weight_for_file
 from hf_signlock.quantization.calibration import hessian_inputs
 from hf_signlock.quantization.codecs import make_codec
 from hf_signlock.quantization.embedding import SignLockEmbedding, SignLockTiedHead
+from hf_signlock.quantization.guard import GUARD_KEY
 from hf_signlock.quantization.layers import compressed_layers
 from hf_signlock.signs import pack_signs
 from hf_signlock.targets import find_target_modules, tied_head
@@ -200,24 +201,35 @@ def test_a_missing_embedding_payload_is_named(tmp_path):
 
     folder = _export(tmp_path)
     tensors = load_file(folder / "model.safetensors")
-    del tensors["model.embed_tokens.payload"]
+    del tensors["model.embed_tokens.weight"]  # the embedding's payload
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CorruptCheckpointError, match="model.embed_tokens.weight: the checkpoint has no"):
         AutoModelForCausalLM.from_pretrained(folder)
 
 
 def test_an_older_format_without_embeddings_still_loads_and_a_newer_one_is_refused(tmp_path):
+    """A format 4 file (payloads as ``<layer>.payload``, one-byte guards, no config checksum) still loads."""
+    from safetensors.torch import load_file, save_file
+
     model = seeded_model("llama")
     quantize_model(model, SignLockConfig(seed=SEED, codec="exact"))
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    config["quantization_config"]["format_version"] = 4
-    config["quantization_config"].pop("target_embeddings")
+    quantization = config["quantization_config"]
+    targets = list(find_target_modules(seeded_model("llama")))  # module names, as before compression
+    tensors = load_file(tmp_path / "model.safetensors")
+    for name in targets:  # the layout of formats 4 to 6
+        tensors[f"{name}.payload"] = tensors.pop(f"{name}.weight")
+    tensors[f"{targets[0]}.weight"] = torch.zeros(1, dtype=torch.uint8)
+    tensors[GUARD_KEY] = torch.zeros(1, dtype=torch.uint8)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    quantization.update(format_version=4, config_checksum=None)
+    quantization.pop("target_embeddings")
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(IDS).logits, model(IDS).logits)
-    config["quantization_config"]["format_version"] = 7
+    quantization["format_version"] = 8
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(SignLockConfigError, match="format version 7.*reads versions 4, 5, 6"):
+    with pytest.raises(SignLockConfigError, match="format version 8.*reads versions 4, 5, 6, 7"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 

@@ -134,7 +134,7 @@ def _section(folder, tensors, param_name, name):
     module = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)).get_submodule(
         param_name.removesuffix(".weight"))
     offset, nbytes, _, _ = SignLockLinear.like(module, param_name, _records(folder)[param_name], config).sections[name]
-    key = param_name.removesuffix("weight") + "payload"
+    key = param_name  # format 7: the payload is stored under the dense weight's own name
     tensors[key] = tensors[key].clone()
     return tensors[key][offset:offset + nbytes]
 
@@ -148,13 +148,13 @@ def _flip_a_bit(folder, tensors):
 
 
 def _drop(folder, tensors):
-    del tensors["model.layers.0.mlp.down_proj.payload"]
+    del tensors["model.layers.0.mlp.down_proj.weight"]  # the layer's payload
 
 
 @pytest.mark.parametrize("damage, message", [
     (_add_one, r"model\.layers\.1\.mlp\.up_proj\.weight: the stored payload"),
     (_flip_a_bit, r"model\.layers\.0\.self_attn\.q_proj\.weight: "),
-    (_drop, r"model\.layers\.0\.mlp\.down_proj\.weight: the checkpoint has no `model\.layers\.0\.mlp\.down_proj\.payload`"),
+    (_drop, r"model\.layers\.0\.mlp\.down_proj\.weight: the checkpoint has no `model\.layers\.0\.mlp\.down_proj\.weight`"),
 ], ids=["corrupted-tensor", "corrupted-flip-stream", "missing-tensor"])
 def test_damaged_checkpoint_is_refused(tmp_path, damage, message):
     folder = _export(tmp_path)
@@ -174,7 +174,7 @@ def test_sharded_checkpoint_round_trips_and_a_missing_payload_in_any_shard_is_re
     assert len(shards) > 2
     assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(IDS).logits, dense)
     last = load_file(shards[-1])
-    key = next(k for k in last if k.endswith(".payload"))
+    key = next(k for k in last if k.endswith(".weight") and last[k].dtype == torch.uint8)  # a payload
     del last[key]
     save_file(last, shards[-1], metadata={"format": "pt"})
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
@@ -202,7 +202,7 @@ def test_truncated_payload_is_refused_before_loading(tmp_path):
     ``ignore_mismatched_sizes`` fill the payload with uninitialised memory."""
     folder = _export(tmp_path)
     tensors = load_file(folder / "model.safetensors")
-    key = "model.layers.0.mlp.down_proj.payload"
+    key = "model.layers.0.mlp.down_proj.weight"  # its payload
     size = tensors[key].numel()
     tensors[key] = tensors[key][:-3].clone()
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})

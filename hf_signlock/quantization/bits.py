@@ -6,7 +6,7 @@ A target layer adds to the checkpoint:
 * ``magnitude_bits``: its codec tables and codes, with its share of a codebook shared across layers;
 * ``other_bits``: its bias; the entries of its tensors in the safetensors header; its record in ``config.json``
   (its base64 characters); and its share (pro rata by weights) of the SignLock overhead every export carries once:
-  the rest of ``quantization_config``, and the two guard tensors with their header entries.
+  the rest of ``quantization_config``, and the guard tensor with its header entry.
 
 ``bpw`` is their sum over all target layers divided by the number of target weights. The report leads with the
 whole checkpoint (``config.json``, ``generation_config.json``, weight files, shard index: what a user downloads for
@@ -35,8 +35,9 @@ from .codecs import make_codec
 from .compressed import link_shared_tables
 from .config import SignLockConfig
 from .flip_coding import decode_flips
-from .guard import GUARD_CHECKSUM_BYTES, GUARD_KEY, check_guards
+from .guard import GUARD_CHECKSUM_BYTES, GUARD_KEY, check_guards, guard_keys
 from .layers import compressed_like, install
+from .payload import payload_key
 from .records import encoded_size
 from .stored import check_every_tensor, read_stored, read_tensor
 
@@ -61,14 +62,14 @@ def config_entry_bytes(name: str, value) -> int:
     return size({"_": 0, name: value}) - size({"_": 0})
 
 
-def signlock_overhead_bytes(quantization_config: dict, first_target: str, offset_digits: int) -> float:
+def signlock_overhead_bytes(quantization_config: dict, offset_digits: int) -> float:
     """The bytes every SignLock export carries once, shared by its layers: ``quantization_config`` without its
-    records, and the guard tensors (data and header entries)."""
+    records, and the guard tensor (data and header entry)."""
     config_bytes = config_entry_bytes("quantization_config", quantization_config) - len(quantization_config["layers"])
     offset = 10 ** (offset_digits - 1)
-    guards = sum(size + header_entry_bytes(key, "U8", [size], offset, offset + size)
-                 for key, size in ((first_target, 1), (GUARD_KEY, GUARD_CHECKSUM_BYTES)))
-    return config_bytes + guards
+    guard = GUARD_CHECKSUM_BYTES + header_entry_bytes(GUARD_KEY, "U8", [GUARD_CHECKSUM_BYTES], offset,
+                                                      offset + GUARD_CHECKSUM_BYTES)
+    return config_bytes + guard
 
 
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
@@ -167,7 +168,7 @@ def checkpoint_report(folder: str | os.PathLike) -> dict:
     codec = make_codec(signlock.codec, signlock.codec_params)
     record_chars = {name: encoded_size(record, codec) for name, record in records.items()}
     _check_structure(folder, config, signlock, records)
-    guards = [next(iter(records)), GUARD_KEY]
+    guards = guard_keys(next(iter(records)), signlock.format_version)
     missing = [key for key in guards if key not in entries]
     if missing:
         raise CorruptCheckpointError(f"{folder}: the weight files have no guard tensor {missing[0]}; not a SignLock "
@@ -188,7 +189,7 @@ def checkpoint_report(folder: str | os.PathLike) -> dict:
         if record["codec_params"].get("shared"):
             sharing.append(param_name)
         has_bias = getattr(module, "bias", None) is not None
-        own_keys = [f"{module_name}.payload"] + ([f"{module_name}.bias"] if has_bias else [])
+        own_keys = [payload_key(module_name, signlock.format_version)] + ([f"{module_name}.bias"] if has_bias else [])
         missing = [key for key in own_keys if key not in entries]
         if missing:
             raise SignLockError(f"{folder}: the weight files have no {missing[0]} tensor")
@@ -253,8 +254,9 @@ def _check_structure(folder: Path, config: dict, signlock: SignLockConfig, recor
     stored = read_stored(sorted(folder.glob("*.safetensors")))
     if signlock.format_version >= CHECKSUMMED_FORMAT:
         check_guards({key: (entry.shape, entry.dtype) for key, entry in stored.items()},
-                     lambda: read_tensor(stored[GUARD_KEY], GUARD_KEY), next(iter(records)), signlock.config_checksum)
-    check_every_tensor(model, stored)
+                     lambda: read_tensor(stored[GUARD_KEY], GUARD_KEY), next(iter(records)), signlock.config_checksum,
+                     signlock.format_version)
+    check_every_tensor(model, stored, {f"{name}.payload": payload_key(name, signlock.format_version) for name in layers})
 
 
 def _check_shards(folder: Path) -> None:

@@ -15,7 +15,16 @@ import math
 import torch
 import xxhash
 
+from ..constants import PAYLOAD_AS_WEIGHT_FORMAT
+
 CHECKSUM_BYTES = 8
+
+
+def payload_key(module_name: str, format_version: int) -> str:
+    """The weight-file key of a compressed layer's payload. From format 7 it is the dense weight's own name: a load
+    without hf_signlock then meets a size mismatch on every target (transformers stops) rather than a missing weight
+    it would initialise at random, and deleting those keys deletes the data itself. Before: ``<layer>.payload``."""
+    return f"{module_name}.{'weight' if format_version >= PAYLOAD_AS_WEIGHT_FORMAT else 'payload'}"
 
 
 def payload_layout(specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, tuple]:

@@ -76,7 +76,7 @@ def layer_overhead_bits(targets: dict[str, nn.Module], config: SignLockConfig, f
     draft = {**config.to_dict(), "layers": "", "targets_checksum": "0" * 2 * CHECKSUM_BYTES, "dtype": "bfloat16",
              "config_checksum": "0" * 2 * CHECKSUM_BYTES}
     names = [f"{name}.weight" for name in targets]
-    shared = signlock_overhead_bytes(draft, names[0], digits)
+    shared = signlock_overhead_bytes(draft, digits)
     total = sum(module.weight.numel() for module in targets.values())
     largest_params = {"bits": 8, "group": 1 << 20, "row_scales": "layer", "shared": 1, "codebook_owner": 1}
     overhead = {}
@@ -85,7 +85,7 @@ def layer_overhead_bits(targets: dict[str, nn.Module], config: SignLockConfig, f
         record = {"flip_bytes": flip_bytes[name], "codec_params": {k: v for k, v in largest_params.items()
                                                                     if k in codec.stored_params},
                   "stored_checksum": "0" * 16, "sign_checksum": "0" * 16}
-        entries = header_entry_bytes(prefix + "payload", "U8", [model_bytes], offset, offset)
+        entries = header_entry_bytes(prefix + "weight", "U8", [model_bytes], offset, offset)  # payload_key
         if getattr(module, "bias", None) is not None:
             entries += header_entry_bytes(prefix + "bias", "F32", list(module.bias.shape), offset, offset)
         overhead[name] = 8 * (entries + math.ceil(encoded_size(record, codec)) + 1

@@ -27,8 +27,9 @@ from ..errors import CorruptCheckpointError, SignLockConfigError, SignLockError
 from ..targets import find_target_modules, tied_head
 from .base_signs import base_named_by_checkpoint, check_base_signs
 from .compressed import link_shared_tables
-from .guard import GUARD_KEY, check_guards, guard_tensors
+from .guard import GUARD_KEY, check_guards, guard_keys, guard_tensors
 from .layers import check_payloads, compressed_layers, compressed_like, dequantize_layers, install
+from .payload import payload_key
 from .quantize import check_budget_is_possible, quantize_model
 from .stored import check_every_tensor, read_stored, read_tensor
 
@@ -78,7 +79,8 @@ class SignLockHfQuantizer(HfQuantizer):
                 raise CorruptCheckpointError("a SignLock checkpoint is stored as safetensors; these weight files are "
                                              f"not ({checkpoint_files}). Export the model again.")
             check_guards({key: (entry.shape, entry.dtype) for key, entry in stored.items()},
-                         lambda: read_tensor(stored[GUARD_KEY], GUARD_KEY), first_target, config.config_checksum)
+                         lambda: read_tensor(stored[GUARD_KEY], GUARD_KEY), first_target, config.config_checksum,
+                         config.format_version)
         base_bits = {}
         if config.sign_source == "base":  # the base is found, of this architecture, with the signs exported against
             if not getattr(config, "base_model_from_caller", False):
@@ -86,7 +88,7 @@ class SignLockHfQuantizer(HfQuantizer):
                 config.base_model = base_named_by_checkpoint(config.base_model, folder)
             base_bits = check_base_signs(config, shapes)
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
-            re.escape(key) + "$" for key in (first_target, GUARD_KEY)
+            re.escape(key) + "$" for key in guard_keys(first_target, config.format_version)
         }
         tied = config.target_embeddings and tied_head(model)
         layers = {}
@@ -96,8 +98,18 @@ class SignLockHfQuantizer(HfQuantizer):
             layer.to(model.config.dtype)  # the dtype the model is loaded in (the bias is cast on load)
         install(model, layers, tied)
         link_shared_tables(layers.values())  # the payload sizes depend on who stores the codebook: before loading
-        check_every_tensor(model, stored)  # every tensor, compressed or not, is there at its shape
+        # each payload is read from its key in the file (`<layer>.weight` from format 7): see get_weight_conversions
+        self._payload_keys = {f"{name}.payload": payload_key(name, config.format_version) for name in layers}
+        check_every_tensor(model, stored, self._payload_keys)  # every tensor, compressed or not, at its shape
         return model
+
+    def get_weight_conversions(self):
+        """Read each compressed layer's payload from the key it is stored under (from format 7 the dense weight's
+        own name, ``<layer>.weight``) into the layer's ``payload`` buffer."""
+        from transformers.core_model_loading import WeightRenaming
+
+        return [WeightRenaming(source_patterns=re.escape(stored) + "$", target_patterns=buffer)
+                for buffer, stored in getattr(self, "_payload_keys", {}).items() if stored != buffer]
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         config = self.quantization_config
@@ -153,7 +165,9 @@ class SignLockHfQuantizer(HfQuantizer):
         # refinement renews checksums in the layers: the config follows them, sealed again
         config.set_layer_records(records, {layer.param_name: layer.shape for layer in layers.values()})
         state_dict = model.state_dict()
-        state_dict.update(guard_tensors(next(iter(records)), config.config_checksum))
+        for name in layers:  # the payload under the dense weight's own name (format 7: see guard.py)
+            state_dict[payload_key(name, config.format_version)] = state_dict.pop(f"{name}.payload")
+        state_dict.update(guard_tensors(config.config_checksum))
         return state_dict, {}
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:

@@ -59,18 +59,21 @@ def read_tensor(entry: StoredTensor, key: str) -> torch.Tensor:
         raise CorruptCheckpointError(f"{entry.path}: `{key}` cannot be read ({error})") from None
 
 
-def check_every_tensor(model: torch.nn.Module, stored: dict[str, StoredTensor]) -> None:
+def check_every_tensor(model: torch.nn.Module, stored: dict[str, StoredTensor],
+                       renamed: dict[str, str] | None = None) -> None:
     """Every tensor the model loads (its state dict, less the tied copies transformers does not store) is in the
     files, at the model's shape, in a dtype that loads into it without reinterpretation: float tensors stored as
-    floats, byte payloads as bytes. ``stored`` empty (a format other than safetensors): nothing to check against."""
+    floats, byte payloads as bytes. ``renamed`` maps a model key to the key the file stores it under (a payload
+    stored as ``<layer>.weight``). ``stored`` empty (a format other than safetensors): nothing to check against."""
     if not stored:
         return
     tied = set(getattr(model, "all_tied_weights_keys", None) or ())
-    for key, tensor in model.state_dict(keep_vars=True).items():
-        if key in tied:
+    for model_key, tensor in model.state_dict(keep_vars=True).items():
+        if model_key in tied:
             continue
+        key = (renamed or {}).get(model_key, model_key)
         entry = stored.get(key)
-        layer, name = _owner(model, key)
+        layer, name = _owner(model, model_key)
         prefix = f"{layer}: " if layer else ""
         if entry is None:
             raise CorruptCheckpointError(

@@ -132,11 +132,11 @@ CASES: dict[str, Case] = {
                           everywhere("CorruptCheckpointError", "model.norm.weight.*shape")),
     "norm-stored-as-integers": Case("vq", _replace("model.norm.weight", lambda t: t.to(torch.int32)),
                                     everywhere("CorruptCheckpointError", "model.norm.weight.*I32")),
-    "guards-deleted": Case("vq", _drop(FIRST, GUARD_KEY), everywhere("CorruptCheckpointError", "no guard tensor")),
+    "guard-deleted": Case("vq", _drop(GUARD_KEY), everywhere("CorruptCheckpointError", "no guard tensor")),
     "guard-of-another-export": Case("vq", _replace(GUARD_KEY, torch.zeros_like),
                                     everywhere("CorruptCheckpointError", "guard does not hold")),
     "payload-from-another-layer": Case("vq", lambda folder: edit_tensors(folder, lambda t: t.update({
-        "model.layers.0.self_attn.q_proj.payload": t["model.layers.0.self_attn.o_proj.payload"].clone()})),
+        FIRST: t["model.layers.0.self_attn.o_proj.weight"].clone()})),  # payloads, under the weights' names
         everywhere("CorruptCheckpointError", "q_proj.weight: the stored payload does not match")),
     "table-nan-forged": Case("vq", _nan_table, {"dense": ("CorruptCheckpointError", "NaN"),
                                                 "compressed": ("CorruptCheckpointError", "NaN"), "inspect": None},

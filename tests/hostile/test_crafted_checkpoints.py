@@ -8,15 +8,18 @@ import copy
 import json
 import re
 import resource
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from checkpoint_edits import edit_tensors
 from crafted import CASES, MODES, build_case
 from test_quantizer import SEED, trained_model
 
 from hf_signlock import SignLockConfig, apply_gap_init, quantize_model
+from hf_signlock.quantization.guard import GUARD_KEY
 
 MEMORY_LIMIT = 6 << 30
 TIME_LIMIT = 420  # seconds for every case, every mode (about a minute on 2 cores)
@@ -46,9 +49,15 @@ def write_sources(sources: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    sources, root = tmp_path_factory.mktemp("sources"), tmp_path_factory.mktemp("cases")
-    write_sources(sources)
+def sources(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sources")
+    write_sources(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def results(sources, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cases")
     for name in CASES:
         build_case(name, sources, root)
     output = root / "results.json"
@@ -75,12 +84,27 @@ def test_crafted_checkpoint_is_refused_with_its_typed_error(results, name):
         assert re.search(pattern, outcome["message"], re.DOTALL), (mode, pattern, outcome["message"])
 
 
-def test_the_sources_themselves_load(results, tmp_path_factory):
+def test_the_sources_themselves_load(sources):
     """The undamaged exports load (the cases fail for their damage, not for their source)."""
-    sources = next(p for p in Path(tmp_path_factory.getbasetemp()).glob("sources*"))
     from transformers import AutoModelForCausalLM
 
     for name in ("vq", "template", "lowrank", "sharded"):
         AutoModelForCausalLM.from_pretrained(sources / f"export-{name}")
     AutoModelForCausalLM.from_pretrained(sources / "export-base",
                                          quantization_config=SignLockConfig(base_model=str(sources / "base")))
+
+
+@pytest.mark.parametrize("deleted", [(), (GUARD_KEY,), (GUARD_KEY, "model.norm.weight")])
+def test_without_the_import_no_deletion_makes_it_load_as_a_plain_model(sources, tmp_path, deleted):
+    """Without ``import hf_signlock``, transformers skips the unknown method: every target's payload, stored under
+    the dense weight's own name, is then a size mismatch and it stops. Deleting the guard changes nothing; only
+    deleting the payloads (the model itself) would, and then there is nothing left to load as garbage."""
+    folder = tmp_path / "export"
+    shutil.copytree(sources / "export-vq", folder)
+    edit_tensors(folder, lambda tensors: [tensors.pop(key) for key in deleted])
+    code = ("import sys\nfrom transformers import AutoModelForCausalLM\nAutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+            "assert 'hf_signlock' not in sys.modules\nprint('LOADED')")
+    completed = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120,
+                               preexec_fn=_limit_memory, check=False)
+    assert completed.returncode != 0 and "LOADED" not in completed.stdout
+    assert "mismatch" in completed.stderr, completed.stderr[-2000:]  # transformers stops on the targets' shapes
