@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .constants import BPW_NAME, CARD_NAME, EVAL_NAME, QUANT_METHOD, STATS_NAME, TRAINING_STATS_NAME
 from .errors import SignLockError
+from .paths import replaced_whole
 
 TEMPLATES = Path(__file__).resolve().parent / "model_cards"  # package data (a link to the top-level model_cards/)
 TAGS = ["hf-signlock", "sign-lock-in"]
@@ -147,14 +147,9 @@ def write_model_card(folder: str | os.PathLike, model_id: str | None = None, bas
     adding ``eval.json``: the card shows the perplexity it holds."""
     card = model_card(folder, model_id, base_model, tags)
     path = Path(folder) / CARD_NAME
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{CARD_NAME}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", newline="", encoding="utf-8") as stream:  # newline="": as ModelCard.save
+    with replaced_whole(path) as temporary:
+        with open(temporary, "w", newline="", encoding="utf-8") as stream:  # newline="": as ModelCard.save
             stream.write(str(card))
         # mkstemp makes the file private: give the card the permissions of the export's config.json instead
         os.chmod(temporary, (path.parent / "config.json").stat().st_mode & 0o777)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     return path

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from .errors import DataError
+from .paths import inside
 
 DOCUMENT_SEPARATOR = "\n\n"
 TABLE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -188,13 +189,11 @@ def check_recorded_data(data_args, folder: Path) -> None:
     """Refuse local data that a model folder's recorded training settings name outside that folder: a checkpoint's
     files are input, and evaluation reads the files a user names (``--dataset``, ``--config``), not those a file
     names. Dataset names (the built-in corpus, Hub datasets) and files inside the folder are fine."""
-    root = folder.resolve()
     named = list(data_args.data_files or ())
     if data_args.dataset_name and (_looks_like_path(data_args.dataset_name) or Path(data_args.dataset_name).exists()):
         named.append(data_args.dataset_name)
     for name in named:
-        path = (folder / Path(str(name)).expanduser()).resolve()
-        if not path.is_relative_to(root):
+        if not inside(folder, str(name)):
             raise DataError(
                 f"{folder} records training data {str(name)!r}, a local path outside the model's folder; evaluation "
                 "does not read files a checkpoint names unless asked. Pass the text yourself (--dataset PATH or --config "

@@ -32,10 +32,7 @@ def edit_quantization_config(folder, edit, reseal: bool = True) -> None:
 def sealed_checksum(folder, config: dict) -> str:
     """The config checksum ``config`` (a config.json dict) would have if export had written it."""
     signlock = SignLockConfig.from_dict(dict(config["quantization_config"], config_checksum=None))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
-    targets = find_target_modules(model, signlock.target_modules, signlock.target_embeddings)
-    return signlock.decoding_checksum({f"{name}.weight": tuple(m.weight.shape) for name, m in targets.items()})
+    return signlock.decoding_checksum(target_shapes(folder, signlock))
 
 
 def write_guard(folder, checksum: str) -> None:

@@ -7,32 +7,16 @@ Fails early, with the argument's name, when a local folder has no config or no w
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from ..errors import ModelLoadError, SignLockError
+from ..paths import check_model_folder
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
-
-def check_model_folder(model: str | os.PathLike, argument: str = "MODEL") -> None:
-    """Refuse a local folder that ``from_pretrained`` cannot load: missing, without ``config.json`` or weights.
-
-    A string that is not an existing path is left alone: it may be a Hub id.
-    """
-    path = Path(model)
-    if not path.exists():
-        if str(model).startswith((".", "/", "~")) or os.sep in str(model).strip("/").replace("/", "", 1):
-            raise ModelLoadError(f"{argument} {str(model)!r} does not exist: pass a model folder or a Hub id.")
-        return
-    if not path.is_dir():
-        raise ModelLoadError(f"{argument} {str(model)!r} is a file; pass the folder `save_pretrained` wrote.")
-    if not (path / "config.json").exists():
-        raise ModelLoadError(f"{argument} {str(model)!r} has no config.json; pass a folder written by `save_pretrained`.")
-    if not any((path / name).exists() for name in WEIGHT_FILES):
-        raise ModelLoadError(
-            f"{argument} {str(model)!r} has no weights (none of {', '.join(WEIGHT_FILES)}); pass a folder written by "
-            "`save_pretrained`, or a run's output_dir after training finished."
-        )
+def load_failure(argument: str, model, error: Exception) -> ModelLoadError:
+    """The one-line error for a MODEL that transformers could not load (a config.json that is not JSON, a
+    quantization_config that is not an object, a size mismatch), instead of its stack."""
+    first_line = str(error).splitlines()[0][:300] if str(error) else ""
+    return ModelLoadError(f"{argument} {str(model)!r} cannot be loaded ({type(error).__name__}: {first_line})")
 
 
 def load_causal_lm(model: str | os.PathLike, argument: str = "MODEL", **kwargs):
@@ -46,7 +30,4 @@ def load_causal_lm(model: str | os.PathLike, argument: str = "MODEL", **kwargs):
     except SignLockError:
         raise
     except (OSError, ValueError, AttributeError, TypeError, KeyError, RuntimeError) as error:
-        # transformers' own errors on a malformed folder (a config.json that is not JSON, a quantization_config
-        # that is not an object, a size mismatch): one typed line at the CLI instead of a stack
-        raise ModelLoadError(f"{argument} {str(model)!r} cannot be loaded ({type(error).__name__}: "
-                             f"{str(error).splitlines()[0][:300] if str(error) else ''})") from error
+        raise load_failure(argument, model, error) from error

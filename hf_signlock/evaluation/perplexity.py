@@ -246,7 +246,8 @@ def evaluate_model(model, dataset: str | None = None, *, tokenizer=None, dataset
     1024), ``stride`` to half the window. ``max_tokens`` keeps the first tokens of the text (quick runs).
     ``base_model``: where the base of an export stored against one is (the caller's word: any folder or Hub id).
     ``recorded_data``: read local data files the model's recorded training settings name outside its folder
-    (otherwise refused: a checkpoint's files are input). ``reference``: the signs to count flips against (None: what the run or export recorded, if anything).
+    (otherwise refused: a checkpoint's files are input). ``reference``: the signs to count flips against (None:
+    what the run or export recorded, if anything).
     ``device``: where a MODEL given by path is loaded (default: this process's GPU, else the CPU); a loaded model
     stays where it is.
 
@@ -257,7 +258,8 @@ def evaluate_model(model, dataset: str | None = None, *, tokenizer=None, dataset
     from transformers import AutoTokenizer
 
     from ..errors import ModelLoadError
-    from .loading import check_model_folder, load_causal_lm
+    from ..paths import check_model_folder
+    from .loading import load_causal_lm, load_failure
     from ..text import resolve_eval_text
 
     loaded = not isinstance(model, (str, os.PathLike))
@@ -274,8 +276,7 @@ def evaluate_model(model, dataset: str | None = None, *, tokenizer=None, dataset
         try:
             config = AutoConfig.from_pretrained(model)
         except (OSError, ValueError, AttributeError, TypeError, KeyError) as error:  # a malformed config.json
-            raise ModelLoadError(f"MODEL {source!r} cannot be loaded ({type(error).__name__}: "
-                                 f"{str(error).splitlines()[0][:300] if str(error) else ''})") from error
+            raise load_failure("MODEL", source, error) from error
         context = getattr(config, "max_position_embeddings", None)
         check_window(*default_window(context, window, stride), context)
         if tokenizer is None:
@@ -328,8 +329,8 @@ def markdown_report(result: dict) -> str:
 
 def evaluate_folder(folder: str | os.PathLike, data_args=None, batch_size: int = 16, write: bool = True) -> dict:
     """Held-out perplexity of a run or an export in ``folder`` (loaded with ``from_pretrained``), on the data the
-    run recorded (read wherever it is: the caller names its own run) or ``data_args``, with ``hf-signlock eval``'s default window and stride; written to
-    ``eval.json`` beside it when ``write``. Keys include ``perplexity``, ``tokens``, ``eval_loss``, ``dataset``."""
+    run recorded (read wherever it is: the caller names its own run) or ``data_args``, with ``hf-signlock eval``'s
+    default window and stride; written to ``eval.json`` beside it when ``write``. Keys include ``perplexity``, ``tokens``, ``eval_loss``, ``dataset``."""
     result = evaluate_model(folder, None, data_args=data_args, batch_size=batch_size, recorded_data=True)
     if write:
         Path(folder, EVAL_NAME).write_text(json.dumps(result, indent=2, default=str))

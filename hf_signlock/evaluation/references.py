@@ -37,8 +37,8 @@ import torch
 
 from ..constants import QUANT_METHOD, STATE_NAME, STATS_NAME, TRAINING_STATS_NAME
 from ..errors import ModelLoadError, SignLockConfigError
+from ..paths import WEIGHT_FILES, check_model_folder, inside
 from ..signs import check_seed, reference_signs, unpack_signs
-from .loading import WEIGHT_FILES, check_model_folder
 from .sign_metrics import flip_count, target_weights
 
 ARGUMENT = "--reference"
@@ -404,7 +404,7 @@ def _recorded(model_source: str, argument: str) -> ReferenceSigns | None:
         start = (stats or {}).get("model_name_or_path")
         if start and not Path(start).is_absolute() and (path / start).is_dir():
             start = str(path / start)  # a folder the stats name relative to themselves
-        if start and Path(start).is_dir() and not _inside(path, start):  # a file's word: not followed out of it
+        if start and Path(start).is_dir() and not inside(path, start):  # a file's word: not followed out of it
             raise SignLockConfigError(
                 f"{model_source!r} records model_name_or_path {start!r} (in {stats_file}), a folder outside it, as the "
                 f"model whose signs the run captured; a file does not get to make evaluation read other folders. "
@@ -421,11 +421,6 @@ def _recorded(model_source: str, argument: str) -> ReferenceSigns | None:
             "model it was fine-tuned from."
         )
     return None
-
-
-def _inside(folder: Path, named: str) -> bool:
-    """Whether the path ``named`` (relative paths taken from ``folder``) lies inside ``folder``."""
-    return (folder / Path(named).expanduser()).resolve().is_relative_to(folder.resolve())
 
 
 # --- the entry point --------------------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ import shutil
 import statistics
 from pathlib import Path
 
+from ..paths import replaced_whole
+
 THRESHOLDS = {
     # claim 1: fraction of tested layers whose KS test rejects Rademacher at the analysis' alpha (1%)
     "spectral_rejected_supported": 0.05,  # at most this: chance rejections at alpha = 1% over tens of layers
@@ -477,7 +479,6 @@ def write_results_doc(results: dict, path: str | os.PathLike = "docs/results.md"
             shutil.copy(figure, folder / Path(figure).name)
             linked.append(f"{folder.name}/{Path(figure).name}")
     extra = [(str(p), _load_analysis(p)) for p in extra_analyses]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(build_results_doc(results, extra, linked))
-    os.replace(tmp, path)
+    with replaced_whole(path) as partial:
+        partial.write_text(build_results_doc(results, extra, linked))
     return path

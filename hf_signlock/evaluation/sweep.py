@@ -68,6 +68,7 @@ from transformers.utils import logging
 
 from ..constants import STATE_NAME, STATS_NAME
 from ..errors import BudgetError, RecipeError, SignLockConfigError, SignLockError
+from ..paths import replaced_whole
 from ..yaml_mapping import did_you_mean, read_yaml_mapping
 
 logger = logging.get_logger(__name__)
@@ -300,9 +301,8 @@ def _read_json(path: Path) -> dict | None:
 def _write_json_atomic(path: Path, value: dict) -> None:
     """Write then rename: a reader (a resumed sweep) sees the whole file or none."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=str))
-    os.replace(tmp, path)
+    with replaced_whole(path) as partial:
+        partial.write_text(json.dumps(value, indent=2, default=str))
 
 
 def _finite(value):

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +44,7 @@ from ..errors import (
     CorruptCheckpointError,
     SignLockConfigError,
 )
+from ..paths import inside, plain_relative_name, replaced_whole
 from ..signs import pack_bits
 from .records import targets_checksum
 
@@ -156,10 +156,8 @@ def base_named_by_checkpoint(base_model: str, checkpoint_dir: str | os.PathLike 
     path = Path(name)
     if path.is_absolute() or name.startswith("~") or ".." in path.parts:
         raise BaseModelNotFoundError(fix)
-    if checkpoint_dir is not None and (Path(checkpoint_dir) / path).is_dir():
-        inside = (Path(checkpoint_dir) / path).resolve()
-        if inside.is_relative_to(Path(checkpoint_dir).resolve()):
-            return str(inside)
+    if checkpoint_dir is not None and (Path(checkpoint_dir) / path).is_dir() and inside(checkpoint_dir, path):
+        return str((Path(checkpoint_dir) / path).resolve())
     if _HUB_ID.fullmatch(name) and not name.startswith("."):
         if path.is_dir():  # would be read from the working directory instead of the Hub
             raise BaseModelNotFoundError(fix)
@@ -285,8 +283,7 @@ def _weight_map(index_file: Path, base_model: str) -> dict[str, str]:
         raise BaseModelNotFoundError(f"the base model {base_model!r}: {INDEX_NAME} is not a valid shard index "
                                      "(no weight_map)") from None
     for key, file in weight_map.items():
-        parts = Path(file).parts if isinstance(file, str) else ()
-        if not parts or Path(file).is_absolute() or ".." in parts or "\\" in file or not isinstance(key, str):
+        if not (plain_relative_name(file) and isinstance(key, str)):
             raise BaseModelNotFoundError(f"the base model {base_model!r}: its {INDEX_NAME} names {file!r} for "
                                          f"{key!r}, which is not a file inside the model's folder; the index is "
                                          "corrupted or crafted")
@@ -400,15 +397,8 @@ def save_sign_pack(model_or_folder, out_dir: str | os.PathLike, *, revision: str
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # written beside its place, then renamed over it: an interrupted write leaves the previous pack, not half of one
-    handle, partial = tempfile.mkstemp(prefix=f".{SIGN_PACK_NAME}.", suffix=".partial", dir=out)
-    os.close(handle)
-    try:
-        save_file({name: bits[name].contiguous() for name in shapes}, partial, metadata=meta)
-        os.replace(partial, out / SIGN_PACK_NAME)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
+    with replaced_whole(out / SIGN_PACK_NAME) as partial:  # an interrupted write leaves the previous pack whole
+        save_file({name: bits[name].contiguous() for name in shapes}, str(partial), metadata=meta)
     return out / SIGN_PACK_NAME
 
 

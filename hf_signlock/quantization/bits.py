@@ -30,6 +30,7 @@ import xxhash
 
 from ..constants import BPW_NAME, CHECKSUMMED_FORMAT
 from ..errors import CorruptCheckpointError, SignLockError
+from ..paths import plain_relative_name
 from ..targets import find_target_modules, tied_head
 from .codecs import make_codec
 from .compressed import link_shared_tables
@@ -39,7 +40,7 @@ from .guard import GUARD_CHECKSUM_BYTES, GUARD_KEY, check_guards, guard_keys
 from .layers import compressed_like, install
 from .payload import payload_key
 from .records import encoded_size
-from .stored import check_every_tensor, read_stored, read_tensor
+from .stored import StoredTensor, check_every_tensor, read_tensor
 
 _SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.float32: "F32", torch.float16: "F16",
                        torch.bfloat16: "BF16", torch.float64: "F64"}
@@ -73,6 +74,8 @@ def signlock_overhead_bytes(quantization_config: dict, offset_digits: int) -> fl
 
 
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 def read_safetensors_headers(folder: Path) -> tuple[dict[str, dict], int]:
@@ -94,6 +97,9 @@ def read_safetensors_headers(folder: Path) -> tuple[dict[str, dict], int]:
             for (begin, stop), key in spans:
                 if not (isinstance(begin, int) and isinstance(stop, int) and begin == end <= stop):
                     raise ValueError(f"`{key}` has data offsets {[begin, stop]} (gap, overlap or reversed)")
+                entry = header[key]  # its data must be exactly its shape in its dtype, as safetensors requires
+                if stop - begin != math.prod(entry["shape"]) * _DTYPE_BYTES[entry["dtype"]]:
+                    raise ValueError(f"`{key}` spans {stop - begin} bytes, not {entry['shape']} of {entry['dtype']}")
                 end = stop
             if 8 + length + end != size:
                 raise ValueError(f"its tensors end at byte {8 + length + end:,}, the file has {size:,}")
@@ -167,7 +173,10 @@ def checkpoint_report(folder: str | os.PathLike) -> dict:
     entries, weight_file_bytes = read_safetensors_headers(folder)
     codec = make_codec(signlock.codec, signlock.codec_params)
     record_chars = {name: encoded_size(record, codec) for name, record in records.items()}
-    _check_structure(folder, config, signlock, records)
+    parameters = sum(p.numel() for p in model.parameters())  # the dense model's, before its targets are replaced
+    compressed = {name: compressed_like(module, param_name, record, signlock)
+                  for (name, module), (param_name, record) in zip(targets.items(), records.items())}
+    _check_structure(folder, model, compressed, signlock, entries)
     guards = guard_keys(next(iter(records)), signlock.format_version)
     missing = [key for key in guards if key not in entries]
     if missing:
@@ -180,7 +189,7 @@ def checkpoint_report(folder: str | os.PathLike) -> dict:
 
     layers, codebook_bytes, sharing = {}, 0, []
     for (module_name, module), (param_name, record) in zip(targets.items(), records.items()):
-        layer = compressed_like(module, param_name, record, signlock)
+        layer = compressed[module_name]
         weights = math.prod(layer.shape)
         sections = {name: nbytes for name, (_, nbytes, _, _) in layer.sections.items()}
         sign_bytes = sections.pop("flips", 0) + sections.pop("sign_bits", 0)
@@ -213,7 +222,6 @@ def checkpoint_report(folder: str | os.PathLike) -> dict:
 
     files = {name: (folder / name).stat().st_size for name in _MODEL_FILES if (folder / name).exists()}
     checkpoint_bytes = weight_file_bytes + sum(files.values())
-    parameters = sum(p.numel() for p in model.parameters())
     signlock_keys = set(guards) | {key for key in entries if key.rsplit(".", 1)[0] in targets}
     dense_bytes = sum(_data_bytes(entry) for key, entry in entries.items() if key not in signlock_keys)
     by_kind = {}
@@ -241,21 +249,18 @@ def checkpoint_report(folder: str | os.PathLike) -> dict:
     }
 
 
-def _check_structure(folder: Path, config: dict, signlock: SignLockConfig, records: dict) -> None:
-    """What loading checks before it reads a weight, checked here too: every tensor of the model stored at its
-    shape (compressed layers and dense ones), and the guards holding the config's checksum."""
-    model = _meta_model(folder, config)
-    targets = find_target_modules(model, signlock.target_modules, signlock.target_embeddings)
-    layers = {name: compressed_like(module, param_name, record, signlock)
-              for (name, module), (param_name, record) in zip(targets.items(), records.items())}
+def _check_structure(folder: Path, model, layers: dict, signlock: SignLockConfig, entries: dict) -> None:
+    """What loading checks before it reads a weight, checked here too (``entries``: the files' header entries):
+    every tensor of the model stored at its shape (``layers``, the compressed ones, are put in its targets' place
+    to say what that is), and the guards holding the config's checksum."""
     install(model, layers, signlock.target_embeddings and tied_head(model))
     link_shared_tables(layers.values())
     _check_shards(folder)
-    stored = read_stored(sorted(folder.glob("*.safetensors")))
+    stored = {key: StoredTensor(entry["shape"], entry["dtype"], str(entry["file"])) for key, entry in entries.items()}
     if signlock.format_version >= CHECKSUMMED_FORMAT:
         check_guards({key: (entry.shape, entry.dtype) for key, entry in stored.items()},
-                     lambda: read_tensor(stored[GUARD_KEY], GUARD_KEY), next(iter(records)), signlock.config_checksum,
-                     signlock.format_version)
+                     lambda: read_tensor(stored[GUARD_KEY], GUARD_KEY), next(iter(layers.values())).param_name,
+                     signlock.config_checksum, signlock.format_version)
     check_every_tensor(model, stored, {f"{name}.payload": payload_key(name, signlock.format_version) for name in layers})
 
 
@@ -270,8 +275,7 @@ def _check_shards(folder: Path) -> None:
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         raise CorruptCheckpointError(f"{index} is not a shard index (no weight_map object)") from None
     for name in sorted(files, key=str):
-        path = folder / str(name)
-        if Path(str(name)).is_absolute() or ".." in Path(str(name)).parts or not path.is_file():
+        if not (plain_relative_name(name) and (folder / name).is_file()):
             raise CorruptCheckpointError(f"{index} names the shard {name!r}, which is not a file in {folder}: a shard "
                                          "is missing (an interrupted download?) or the index was edited.")
 

@@ -131,9 +131,9 @@ class SignLockConfig(QuantizationConfigMixin):
             kind = _CODEC_PARAM_TYPES.get(name)
             wrong = kind is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool)))
             if wrong or (kind is int and not 1 <= value <= 1 << 24):
-                raise SignLockConfigError(
-                    f"codec parameter `{name}` must be {'a whole number from 1 to 2**24' if kind is int else kind.__name__}"
-                    f", got {value!r:.100}, e.g. codec_params={{\"bits\": 8, \"group\": 16}}.")
+                expected = "a whole number from 1 to 2**24" if kind is int else kind.__name__
+                raise SignLockConfigError(f"codec parameter `{name}` must be {expected}, got {value!r:.100}, e.g. "
+                                          'codec_params={"bits": 8, "group": 16}.')
         bits = self.bits_per_weight
         if bits is not None and (isinstance(bits, bool) or not isinstance(bits, (int, float)) or not math.isfinite(bits)
                                  or bits <= 0):

@@ -23,7 +23,8 @@ import torch
 from transformers.utils import logging
 
 from ..constants import STATS_NAME, TRAINING_STATS_NAME
-from ..errors import BudgetError, ModelLoadError, SignLockConfigError
+from ..errors import BudgetError, SignLockConfigError
+from ..paths import check_model_folder
 from ..targets import find_target_modules
 from .bits import write_bits_report
 from .budget import bits_per_weight_for_file
@@ -120,7 +121,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: st
     if codec_params is not None:  # types and names checked before any work, not after loading and calibrating
         SignLockConfig(sign_source="packed", codec=codec or "vq", codec_params=codec_params)
     save_dtype = getattr(torch, dtype or "bfloat16")
-    _check_run_dir(run_dir)
+    check_model_folder(run_dir, "RUN_DIR")
     check_destination(run_dir, out_dir, overwrite)
     model = AutoModelForCausalLM.from_pretrained(run_dir, dtype="auto")
     signs = signs_of_run(run_dir, model)
@@ -176,19 +177,6 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, codec: st
 
         write_model_card(staging, model_id=str(out_dir))  # README.md: the card `hf-signlock push` would upload
     return report
-
-
-def _check_run_dir(run_dir) -> None:
-    """RUN_DIR is a model folder (config.json beside the weights) or a Hub id; anything else is refused by name
-    before any work."""
-    path = Path(run_dir)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"RUN_DIR {run_dir} has no config.json: pass a training run's output folder or a "
-                                 "model folder written by save_pretrained.")
-    elif path.exists() or str(run_dir).startswith((".", "/", "~")) or str(run_dir).count("/") > 1:
-        raise ModelLoadError(f"RUN_DIR {run_dir} is not a model folder (nor a Hub id): pass a training run's output "
-                             "folder, a model folder, or a Hub id.")
 
 
 def check_destination(run_dir, out_dir, overwrite: bool) -> None:

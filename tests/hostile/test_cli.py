@@ -92,7 +92,7 @@ def test_an_interrupted_export_leaves_the_old_one_whole(run, export):
 
 
 @pytest.mark.parametrize("args, pattern", [
-    (["export", "/nonexistent/run", "{tmp}/out"], "RUN_DIR /nonexistent/run"),
+    (["export", "/nonexistent/run", "{tmp}/out"], "RUN_DIR '/nonexistent/run' does not exist"),
     (["export", "{run}", "{tmp}/out", "--codec_params", '{"bits": "a"}'], "codec parameter `bits`"),
     (["export", "{run}", "{tmp}/out", "--bits_per_weight", "inf"], "`bits_per_weight` must be a finite number"),
     (["export", "{run}", "{tmp}/out", "--bits_per_parameter", "-1"], "`bits_per_parameter` must be a finite"),
