@@ -75,6 +75,8 @@ class CompressedWeight(nn.Module):
         self.trainable_tables: dict[str, torch.Tensor] = {}  # refinement's float32 stand-ins for stored tables
         self._table_owner = ()  # (layer,) holding the codebook this layer shares; a tuple so it is no submodule
         self.base_bits = None  # sign_source "base": the base's packed signs, once loading has checked them
+        self._signs = (None, None)  # (payload key, packed signs): rebuilt when the payload changes; see sign_bits
+        self._operands = (None, None)  # (payload key, kernel operands); see kernel_operands
         if has_bias:
             self.bias = nn.Parameter(torch.empty(shape[1] if layout == "conv1d" else shape[0], dtype=dtype,
                                                  device=device), requires_grad=False)
@@ -157,6 +159,36 @@ class CompressedWeight(nn.Module):
         mask.index_add_(0, positions >> 3, (1 << (positions & 7)).to(torch.int32))
         return bits ^ mask.to(torch.uint8)
 
+    def _payload_key(self) -> tuple:
+        return self.payload.data_ptr(), self.payload._version, self.payload.device
+
+    def sign_bits(self) -> torch.Tensor:
+        """The weight's signs, bit-packed, built once per payload and kept: a view of the payload for packed signs,
+        else 1 bit a weight of memory (what lookups and the kernels read instead of decoding the flips again)."""
+        key = self._payload_key()
+        if self._signs[0] != key:
+            self._signs = (key, self.packed_signs())
+        return self._signs[1]
+
+    def kernel_operands(self):
+        """What the compressed-domain kernels read of this layer (``kernels.matmul.Operands``), or None where they do
+        not apply: another device than the CPU, a codec without kernels, GPT-2's transposed layout, refinement."""
+        if torch.compiler.is_compiling():  # prepared before tracing (``prepare_kernels``); no cache logic traced
+            return self._operands[1]
+        if (self.payload.device.type != "cpu" or self.pinned_signs is not None or self.trainable_tables
+                or self.layout == "conv1d"):
+            return None
+        key = self._payload_key()
+        if self._operands[0] != key:
+            try:
+                operands = self.codec.kernel_operands(self.magnitude_tensors(), self.shape, self.codec_params,
+                                                      self.sign_bits())
+            except (ValueError, IndexError) as error:
+                raise CorruptCheckpointError(f"{self.param_name}: the {self.config.codec} tables do not decode: "
+                                             f"{error}") from None
+            self._operands = (key, operands)
+        return self._operands[1]
+
     def check_payload(self) -> None:
         """Check that the payload was loaded and that its bytes are those written at export."""
         if self.payload.device.type == "meta":
@@ -188,6 +220,7 @@ class CompressedWeight(nn.Module):
             raise CorruptCheckpointError(
                 f"{self.param_name}: the decoded signs do not match the checksum recorded at export; {cause}"
             )
+        self._signs = (self._payload_key(), sign_bits)  # checked: kept for lookups and the kernels
         return sign_bits
 
     def decode_weight(self, sign_bits: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -57,11 +57,14 @@ class SignLockConfig(QuantizationConfigMixin):
         bits_per_weight: total budget per target weight: signs, magnitudes, bias, the layer's record and its share
             of the checkpoint's SignLock overhead all count. None: 1.0 for "vq" and "lowrank"; no budget for the
             fixed-size "scale" and "exact", which refuse a budget they cannot meet.
-        dequantize: the modules ``from_pretrained`` gives. True: dense ``nn.Linear`` / ``Conv1D`` (a plain model,
-            no quantization config left). False: compressed ``SignLockLinear`` modules that decode their weight in
-            each forward (save_pretrained writes the same bytes back). None (default): dense when loading a SignLock
-            checkpoint, compressed when quantizing a dense model on load. A loading attribute: a checkpoint's
-            config is overridden by ``from_pretrained(repo, quantization_config=SignLockConfig(dequantize=...))``.
+        dequantize: the modules ``from_pretrained`` gives. True: dense ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding``
+            (a plain model, no quantization config left). False: compressed ``SignLockLinear`` / ``SignLockEmbedding``
+            modules that compute from the stored bytes (on the CPU, the compressed-domain kernels of
+            ``hf_signlock.kernels``; save_pretrained writes the same bytes back). None (default): compressed, as
+            bitsandbytes, GPTQ or AQLM checkpoints load, wherever the kernels run (the "signmag" and "vq" codecs on the
+            CPU); dense otherwise (the other codecs, or a model loaded onto a GPU, where a compressed layer would
+            decode its weight in every forward). A loading attribute: a checkpoint's config is overridden by
+            ``from_pretrained(repo, quantization_config=SignLockConfig(dequantize=...))``.
         layers, targets_checksum, packed_layers, dtype, base_signs_checksum, config_checksum: written by export
             (compact layer records, the checksum of the target names, the positions in target order of the layers
             whose signs are stored packed because their flips would cost more, the dtype of stored biases, the
@@ -190,9 +193,12 @@ class SignLockConfig(QuantizationConfigMixin):
         # fixed-size codecs take no default budget, nor do codec parameters that set the size
         return DEFAULT_BITS_PER_WEIGHT if make_codec(self.codec, self.codec_params).needs_budget() else None
 
-    def dequantize_on_load(self, pre_quantized: bool) -> bool:
-        """Whether ``from_pretrained`` ends with dense modules (see ``dequantize``)."""
-        return pre_quantized if self.dequantize is None else self.dequantize
+    def dequantize_on_load(self, pre_quantized: bool, on_cpu: bool = True) -> bool:
+        """Whether ``from_pretrained`` ends with dense modules (see ``dequantize``); ``on_cpu``: whether the compressed
+        layers were loaded onto the CPU."""
+        if self.dequantize is not None:
+            return self.dequantize
+        return pre_quantized and not (on_cpu and make_codec(self.codec, self.codec_params).has_kernels)
 
     # --- layer records ----------------------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import matmul as kernel_matmul
 from .compressed import CompressedWeight
 from .linear import decoded_matmul
 
@@ -31,7 +32,6 @@ class SignLockEmbedding(CompressedWeight):
         super().__init__(param_name, record, config, shape, "embedding", False, dtype, device)
         self.num_embeddings, self.embedding_dim = self.shape
         self.padding_idx = padding_idx
-        self._signs = (None, None)  # (payload key, packed signs): rebuilt when the payload changes
 
     @classmethod
     def like(cls, module: nn.Embedding, param_name: str, record: dict, config, device="meta") -> SignLockEmbedding:
@@ -39,26 +39,18 @@ class SignLockEmbedding(CompressedWeight):
         return cls(param_name, record, config, tuple(module.weight.shape), module.padding_idx, module.weight.dtype,
                    device)
 
-    def sign_bits(self) -> torch.Tensor:
-        """The weight's signs, bit-packed, built once per payload (1 bit a weight)."""
-        key = (self.payload.data_ptr(), self.payload._version)
-        if self._signs[0] != key:
-            self._signs = (key, self.packed_signs())
-        return self._signs[1]
-
-    def verify(self, payload_checked: bool = False) -> torch.Tensor:
-        sign_bits = super().verify(payload_checked)
-        self._signs = ((self.payload.data_ptr(), self.payload._version), sign_bits)  # checked: kept for lookups
-        return sign_bits
-
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.pinned_signs is not None:  # refinement: the tables are trained through the decoded weight
             return F.embedding(input_ids, self.decode_weight(dtype=self.dtype), self.padding_idx)
         rows = input_ids.reshape(-1)
         if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.num_embeddings):
             raise IndexError(f"index out of range in self: token ids must be in [0, {self.num_embeddings})")
-        decoded = self.codec.decode_rows(self.magnitude_tensors(), self.shape, self.codec_params, self.sign_bits(),
-                                         rows.to(self.payload.device), self.dtype)
+        operands = self.kernel_operands() if kernel_matmul.compiled() else None
+        if operands is not None:  # the kernels decode each row straight from the payload
+            decoded = kernel_matmul.gather_rows(operands, rows.cpu()).to(self.dtype)
+        else:
+            decoded = self.codec.decode_rows(self.magnitude_tensors(), self.shape, self.codec_params,
+                                             self.sign_bits(), rows.to(self.payload.device), self.dtype)
         return decoded.view(*input_ids.shape, self.embedding_dim).to(input_ids.device)
 
     def dense(self, sign_bits: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> nn.Embedding:

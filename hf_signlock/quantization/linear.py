@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..kernels import matmul as kernel_matmul
 from .compressed import CompressedWeight, link_shared_tables
 
 __all__ = ["SignLockLinear", "apply_weight", "decoded_matmul", "hook_peft_lora", "layout_of", "link_shared_tables"]
@@ -49,13 +50,23 @@ def apply_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return out.view(*x.shape[:-1], weight.shape[1])
 
 
+def _forward(x: torch.Tensor, layer: CompressedWeight, bias: torch.Tensor | None, layout: str) -> torch.Tensor:
+    """The product without autograd: the compressed-domain kernels where they apply, else decode and multiply."""
+    operands = layer.kernel_operands() if x.device.type == "cpu" else None
+    if operands is None:
+        return apply_weight(x, layer.decoded(x.dtype, x.device), bias, layout)
+    y = kernel_matmul.apply(x, operands)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
 class _DecodedMatmul(torch.autograd.Function):
-    """``x W^T + b`` (Linear) or ``x W + b`` (Conv1D) with W decoded in forward and again in backward, never saved."""
+    """``x W^T + b`` (Linear) or ``x W + b`` (Conv1D), W read from its stored form in forward (the kernels) and
+    decoded in backward, never saved."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: CompressedWeight, layout: str) -> torch.Tensor:
         ctx.layer, ctx.layout = layer, layout
-        return apply_weight(x, layer.decoded(x.dtype, x.device), bias, layout)
+        return _forward(x, layer, bias, layout)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -73,6 +84,8 @@ def decoded_matmul(x: torch.Tensor, layer: CompressedWeight, bias: torch.Tensor 
     """``layer``'s weight applied to ``x`` as a ``layout`` module would (decoded in forward and backward)."""
     if layer.pinned_signs is not None:  # refinement: the tables are trained through the decoded weight
         return apply_weight(x, layer.decode_weight(dtype=x.dtype).to(x.device), bias, layout)
+    if not torch.is_grad_enabled() or not (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _forward(x, layer, bias, layout)  # inference: no autograd node (and nothing torch.compile must trace)
     return _DecodedMatmul.apply(x, bias, layer, layout)
 
 

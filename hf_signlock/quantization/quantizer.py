@@ -115,24 +115,28 @@ class SignLockHfQuantizer(HfQuantizer):
         config = self.quantization_config
         if not self.pre_quantized:
             quantize_model(model, config)  # checked by construction
-        dense = config.dequantize_on_load(self.pre_quantized)
+        layers = compressed_layers(model).values()
+        on_cpu = all(layer.payload.device.type == "cpu" for layer in layers)
+        dense = self._dense = config.dequantize_on_load(self.pre_quantized, on_cpu)
         if dense:
             dequantize_layers(model, model.config.dtype, verify=self.pre_quantized)
-        elif self.pre_quantized:
-            layers = compressed_layers(model).values()  # every layer checked before any is used
-            check_payloads(layers)
-            for layer in layers:
-                layer.verify(payload_checked=True)
+        else:
+            if self.pre_quantized:  # every layer checked before any is used
+                check_payloads(layers)
+                for layer in layers:
+                    layer.verify(payload_checked=True)
+            for layer in layers:  # the kernels' operands: a code past a table is found now, not in a forward
+                layer.kernel_operands()
         return model
 
     def postprocess_model(self, model, **kwargs):
-        """As transformers' own, with ``dequantize=None`` resolved (dense for checkpoints, compressed for
-        quantize-on-load) and the layers verified before the quantization config is dropped."""
+        """As transformers' own, with ``dequantize=None`` resolved (see ``SignLockConfig.dequantize``) and the layers
+        verified before the quantization config is dropped."""
         from transformers.modeling_utils import PreTrainedModel  # imported by now; not at registration time
 
         model.config.quantization_config = self.quantization_config
         self._process_model_after_weight_loading(model, **kwargs)
-        if self.quantization_config.dequantize_on_load(self.pre_quantized):
+        if self._dense:
             self.remove_quantization_config(model)
         else:
             for module in model.modules():

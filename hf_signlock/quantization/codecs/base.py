@@ -27,6 +27,7 @@ class MagnitudeCodec:
     stored_params: tuple[str, ...] = ()  # parameters a layer's record stores, as non-negative integers
     floor: float | None = FLOOR  # None: the codec stores signed values (the signed-VQ baseline in bench/)
     calibrated = False  # whether encode_with_hessian uses the Hessian (quantize_model collects none otherwise)
+    has_kernels = False  # whether its layers compute in the compressed domain on the CPU (``kernel_operands``)
 
     def __init__(self, **params):
         unknown = sorted(set(params) - set(self.allowed))
@@ -105,6 +106,11 @@ class MagnitudeCodec:
     def stored_specs(self, shape, dtype, params) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Name -> (shape, dtype) of each stored tensor, to build empty modules before loading."""
         raise NotImplementedError
+
+    def kernel_operands(self, stored, shape, params, sign_bits: torch.Tensor):
+        """What the compressed-domain kernels read (``kernels.matmul.Operands``), or None: this codec has none and its
+        layers decode, then multiply. Raises ``ValueError`` if the tables cannot be what the kernels index."""
+        return None
 
 
 def row_positions(cols: int, rows: torch.Tensor) -> torch.Tensor:

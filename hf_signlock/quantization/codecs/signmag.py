@@ -24,6 +24,7 @@ import torch
 from transformers.utils import logging
 
 from ...errors import BudgetError, CorruptCheckpointError, SignLockConfigError
+from ...kernels import matmul as kernel_matmul
 from ...kernels import output as kernel_output
 from ...kernels import signmag as signmag_kernel
 from ..bitpack import pack_uint, packed_bytes, unpack_uint, unpack_uint_at
@@ -45,6 +46,7 @@ class SignMagnitudeCodec(MagnitudeCodec):
 
     name = "signmag"
     allowed = ("bits", "group")
+    has_kernels = True  # see kernel_operands
     stored_params = ("bits", "group")
     calibrated = True  # quantize_model hands it each layer's input Hessian when calibration data is given
 
@@ -165,6 +167,15 @@ class SignMagnitudeCodec(MagnitudeCodec):
             raise ValueError("the signmag levels do not have the count its parameters give")
         return signmag_kernel.signmag_decode(stored["codes"], params["bits"], params["group"], stored["levels"],
                                              stored["scales"], sign_bits, shape, self.floor, dtype)
+
+    def kernel_operands(self, stored, shape, params, sign_bits):
+        if self.floor is None:  # a signed-table variant (bench/): the kernels assume the floored magnitudes
+            return None
+        if stored["levels"].numel() != 1 << params["bits"]:  # every code then indexes a level
+            raise ValueError("the signmag levels do not have the count its parameters give")
+        return kernel_matmul.Operands(kernel_matmul.SIGNMAG, stored["codes"], stored["levels"].float().contiguous(),
+                                      stored["scales"].contiguous(), sign_bits, params["bits"], params["group"],
+                                      *shape)
 
     def stored_specs(self, shape, dtype, params):
         rows, cols = shape

@@ -16,6 +16,7 @@ import torch
 from transformers.utils import logging
 
 from ...errors import BudgetError, CorruptCheckpointError, SignLockConfigError
+from ...kernels import matmul as kernel_matmul
 from ...kernels import output as kernel_output
 from ...kernels import vq as vq_kernel
 from ..bitpack import pack_uint, packed_bytes, unpack_uint, unpack_uint_at
@@ -46,6 +47,7 @@ class VectorCodec(MagnitudeCodec):
 
     name = "vq"
     allowed = ("bits", "group", "iterations", "row_scales", "shared")
+    has_kernels = True  # see kernel_operands
     stored_params = ("bits", "group", "row_scales", "shared", "codebook_owner")
     _BITS = (8, 6, 4, 2, 1)  # codebook sizes tried, largest first, when the budget chooses
     _ROW_SCALES = ("bf16", "log8", "layer")  # tried in this order: the cheaper forms free bits for small budgets
@@ -277,6 +279,18 @@ class VectorCodec(MagnitudeCodec):
             raise ValueError("the vq codebook does not have the shape its parameters give")
         return vq_kernel.vq_decode(stored["codes"], params["bits"], params["group"], stored["codebook"],
                                    self._row_scale(stored), sign_bits, shape, self.floor, dtype)
+
+    def kernel_operands(self, stored, shape, params, sign_bits):
+        if self.floor is None:  # a signed-table variant (bench/): the kernels assume the floored magnitudes
+            return None
+        codebook = stored["codebook"]
+        if codebook.dim() != 2 or codebook.shape[1] != params["group"]:
+            raise ValueError("the vq codebook does not have the shape its parameters give")
+        operands = kernel_matmul.Operands(kernel_matmul.VQ, stored["codes"], codebook.float().contiguous(),
+                                          self._row_scale(stored).expand(shape[0]).contiguous(), sign_bits,
+                                          params["bits"], params["group"], *shape)
+        kernel_matmul.check_codes_in_table(operands)
+        return operands
 
     def stored_specs(self, shape, dtype, params):
         groups = math.ceil(shape[0] * shape[1] / params["group"])

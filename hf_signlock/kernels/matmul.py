@@ -1,0 +1,184 @@
+"""``x W^T`` with ``W`` read from its stored form: the compressed layers' forward on the CPU.
+
+``Operands`` holds what the kernels read of one layer, all views of (or small tables beside) what is already in
+memory: the codes and scales inside the payload, the level table or codebook in float32, the signs bit-packed.
+``linear`` picks the path by the number of rows of ``x``:
+
+- up to ``SMALL_BATCH`` rows (generation, batch 1 or a few): the matrix-vector kernel, each weight decoded in
+  registers once per block of up to four rows of ``x``;
+- more (prefill, evaluation, training): row tiles of ``W`` decoded into a buffer of about ``TILE_BYTES`` (it stays
+  in cache) and multiplied by torch's GEMM, tile after tile; no layer is ever dense in memory as a whole.
+
+Without the compiled library (``native.library()`` is None) the same two paths run on torch: the tiles are decoded
+by the codec's own decode (``reference_rows``), so the numbers are those of the decode-then-matmul path.
+
+``compressed_linear`` is the same function as a torch custom op (``torch.ops.hf_signlock.compressed_linear``), so
+that ``torch.compile`` traces a model through it as one opaque node instead of breaking its graph there.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from . import native
+
+SIGNMAG, VQ = 0, 1
+SMALL_BATCH = 16  # rows of x up to which the matrix-vector kernel beats decoding tiles for a GEMM (bench_kernels)
+TILE_BYTES = 1 << 19  # float32 bytes of one decoded tile of W
+
+
+class Operands(NamedTuple):
+    """One layer's stored weight as the kernels read it (``W`` is ``rows x cols``, ``y = x W^T``).
+
+    ``table``: the levels (signmag, ``2**width`` float32) or the codebook (vq, ``K x group`` float32); ``scales``:
+    the group scales (signmag, ``rows x groups`` float16) or the row scales (vq, ``rows`` float32); ``signs``: the
+    signs, bit-packed (1 = +1, LSB first); ``codes``: ``width``-bit codes, LSB first.
+    """
+
+    kind: int
+    codes: torch.Tensor
+    table: torch.Tensor
+    scales: torch.Tensor
+    signs: torch.Tensor
+    width: int
+    group: int
+    rows: int
+    cols: int
+
+
+def _pointer(tensor: torch.Tensor) -> int:
+    return tensor.data_ptr()
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _kernel(lib, kind: int, name: str):  # sl_signmag_<name> / sl_vq_<name>
+    return getattr(lib, f"sl_{'signmag' if kind == SIGNMAG else 'vq'}_{name}")
+
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # what the kernels read and write directly
+
+
+def small_batch(x: torch.Tensor, ops: Operands, lib) -> torch.Tensor:
+    """``x W^T`` (``x``: n x cols, float32 or bfloat16, contiguous; the result in its dtype) by the matrix-vector
+    kernel."""
+    dtype = _DTYPE_CODES[x.dtype]
+    y = torch.empty(x.shape[0], ops.rows, dtype=x.dtype)
+    if lib.sl_matmul(ops.kind, _pointer(x), dtype, x.shape[0], ops.rows, ops.cols, _pointer(ops.codes),
+                     ops.codes.numel(), ops.width, ops.group, _pointer(ops.table), _pointer(ops.scales),
+                     _pointer(ops.signs), _pointer(y), dtype, _threads()):
+        raise MemoryError(f"the kernels could not allocate {x.shape[0]} x {max(ops.rows, ops.cols)} floats")
+    return y
+
+
+def decode_rows(ops: Operands, first: int, count: int, lib, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``first .. first + count`` of ``W`` in float32 (as the decode path gives them)."""
+    if out is None:
+        out = torch.empty(count, ops.cols, dtype=torch.float32)
+    if lib is None:
+        out.copy_(reference_rows(ops, first, count))
+        return out
+    _kernel(lib, ops.kind, "decode_rows")(first, count, ops.cols, _pointer(ops.codes), ops.codes.numel(), ops.width,
+                                          ops.group, _pointer(ops.table), _pointer(ops.scales), _pointer(ops.signs),
+                                          _pointer(out), _threads())
+    return out
+
+
+def tiled(x: torch.Tensor, ops: Operands, lib) -> torch.Tensor:
+    """``x W^T`` (``x``: n x cols float32) tile by tile: decode ``W``'s rows into a cache-sized buffer, GEMM, next."""
+    tile_rows = max(8, min(ops.rows, TILE_BYTES // (4 * ops.cols)))
+    y_t = torch.empty(ops.rows, x.shape[0], dtype=torch.float32)  # y transposed: each tile's result is contiguous
+    buffer = torch.empty(tile_rows, ops.cols, dtype=torch.float32)
+    x_t = x.t()
+    for first in range(0, ops.rows, tile_rows):
+        count = min(tile_rows, ops.rows - first)
+        tile = decode_rows(ops, first, count, lib, buffer[:count])
+        torch.mm(tile, x_t, out=y_t[first:first + count])
+    return y_t.t()
+
+
+def linear(x: torch.Tensor, ops: Operands) -> torch.Tensor:
+    """``x W^T`` for ``x`` of any shape ``[..., cols]`` and floating dtype; the result in ``x``'s dtype."""
+    lib = native.library()
+    flat = x.reshape(-1, ops.cols)
+    if lib is not None and flat.shape[0] <= SMALL_BATCH:
+        if flat.dtype not in _DTYPE_CODES:
+            return small_batch(flat.float().contiguous(), ops, lib).to(x.dtype).view(*x.shape[:-1], ops.rows)
+        return small_batch(flat.contiguous(), ops, lib).view(*x.shape[:-1], ops.rows)
+    y = tiled(flat.to(torch.float32).contiguous(), ops, lib)
+    return y.to(x.dtype).reshape(*x.shape[:-1], ops.rows)
+
+
+def compiled() -> bool:
+    """Whether the compiled kernels are loaded (else every path here runs on torch)."""
+    return native.library() is not None
+
+
+def gather_rows(ops: Operands, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` (int64 indices, in range) of ``W`` in float32: an embedding lookup."""
+    lib = native.library()
+    out = torch.empty(rows.numel(), ops.cols, dtype=torch.float32)
+    for i, row in enumerate(rows.tolist()):
+        decode_rows(ops, row, 1, lib, out[i:i + 1])
+    return out
+
+
+def reference_rows(ops: Operands, first: int, count: int) -> torch.Tensor:
+    """Rows of ``W`` by torch ops alone: the fallback, and what the tests hold the kernels to."""
+    positions = torch.arange(first * ops.cols, (first + count) * ops.cols, dtype=torch.int64)
+    signs = ((ops.signs[positions >> 3] >> (positions & 7).to(torch.uint8)) & 1).float() * 2 - 1
+    if ops.kind == SIGNMAG:
+        codes = _codes_at(ops.codes, ops.width, positions)
+        columns = positions % ops.cols
+        scale = ops.scales.float()[positions // ops.cols, columns // ops.group]
+        magnitude = ops.table[codes] * scale
+    else:
+        codes = _codes_at(ops.codes, ops.width, positions // ops.group)
+        magnitude = ops.table[codes, positions % ops.group] * ops.scales[positions // ops.cols]
+    return (signs * magnitude.clamp_min(1e-12)).view(count, ops.cols)
+
+
+def _codes_at(codes: torch.Tensor, width: int, index: torch.Tensor) -> torch.Tensor:
+    offset = index * width
+    padded = torch.cat([codes, codes.new_zeros(1)]).long()
+    pair = padded[offset >> 3] | (padded[(offset >> 3) + 1] << 8)
+    return (pair >> (offset & 7)) & ((1 << width) - 1)
+
+
+def check_codes_in_table(ops: Operands) -> None:
+    """Raise ``ValueError`` if a vq code points past the codebook (possible only when a layer's codes are wider than
+    the codebook it shares): the kernels index the codebook without a check."""
+    if ops.kind != VQ or ops.table.shape[0] >= 1 << ops.width:
+        return
+    count = -(-ops.rows * ops.cols // ops.group)
+    bits = np.unpackbits(ops.codes.numpy(), count=count * ops.width, bitorder="little").reshape(count, ops.width)
+    if count and int((bits.astype(np.int64) << np.arange(ops.width)).sum(1).max()) >= ops.table.shape[0]:
+        raise ValueError("a vq code points past the codebook")
+
+
+# --- the custom op: what torch.compile sees ------------------------------------------------------------------------
+
+
+@torch.library.custom_op("hf_signlock::compressed_linear", mutates_args=())
+def compressed_linear(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
+                      signs: torch.Tensor, kind: int, width: int, group: int, rows: int, cols: int) -> torch.Tensor:
+    """``x W^T`` (see ``linear``) as a torch op."""
+    return linear(x, Operands(kind, codes, table, scales, signs, width, group, rows, cols))
+
+
+@compressed_linear.register_fake
+def _(x, codes, table, scales, signs, kind, width, group, rows, cols):
+    return x.new_empty((*x.shape[:-1], rows))
+
+
+def apply(x: torch.Tensor, ops: Operands) -> torch.Tensor:
+    """``x W^T``: directly in eager mode (a custom op's dispatch costs about as much as a small layer's product),
+    through the custom op while ``torch.compile`` traces."""
+    if torch.compiler.is_compiling():
+        return compressed_linear(x, *ops)
+    return linear(x, ops)
