@@ -31,9 +31,10 @@ BUDGET = 1.5  # bits per target weight: packed signs take 1, the vq magnitudes g
 WINDOW = 512  # tokens per perplexity window
 WINDOWS = 2  # the last WINDOWS * WINDOW tokens of the corpus
 LOGIT_TOKENS = 256
-# The compressed modules and the dense reload compute with the same decoded float32 weights (one kernel) and the
-# same F.linear: measured bit-identical (logits std ~4.7); the tolerance leaves room for another BLAS only.
-RELOAD_ATOL = 1e-5
+# The dense reload multiplies the decoded float32 weights (F.linear); the compressed modules compute from the stored
+# bytes (the kernels: the same weights, another summation order). Bound: max |difference| <= 1e-5 x max |logit|
+# (measured 9.5e-5 absolute on logits up to ~30: 3e-6 relative).
+KERNEL_RELATIVE = 1e-5
 # bf16 vs float32 logits of the same checkpoint: the largest difference over the float32 logits' standard deviation
 # (measured 0.20; the dense model cast to bf16 gives 0.18), and the share of positions with the same top-1 token
 # (measured 0.98).
@@ -101,8 +102,8 @@ def export(quantized, tokenizer, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def reloaded(export):
-    """The checkpoint loaded as transformers does by default: decoded into dense float32 modules."""
-    return AutoModelForCausalLM.from_pretrained(export).eval()
+    """The checkpoint decoded into dense float32 modules (``dequantize=True``; the default keeps it compressed)."""
+    return AutoModelForCausalLM.from_pretrained(export, quantization_config=SignLockConfig(dequantize=True)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +154,9 @@ def test_reload_dense_and_compressed_give_the_same_logits(quantized, reloaded, k
     ids = held_out[:1, :LOGIT_TOKENS]
     dense_logits = _logits(reloaded, ids)
     assert torch.isfinite(dense_logits).all()
-    torch.testing.assert_close(_logits(kept_compressed, ids), dense_logits, rtol=0, atol=RELOAD_ATOL)
-    torch.testing.assert_close(_logits(quantized, ids), dense_logits, rtol=0, atol=RELOAD_ATOL)  # before saving
+    bound = KERNEL_RELATIVE * dense_logits.abs().max().item()
+    torch.testing.assert_close(_logits(kept_compressed, ids), dense_logits, rtol=0, atol=bound)
+    torch.testing.assert_close(_logits(quantized, ids), dense_logits, rtol=0, atol=bound)  # before saving
 
 
 def test_generate_runs_on_compressed_and_dense_reloads(reloaded, kept_compressed, held_out):

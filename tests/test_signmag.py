@@ -164,7 +164,8 @@ def test_calibrated_export_loads_back_within_budget_with_every_sign(tmp_path):
     assert report["codec"] == "signmag" and report["sign_source"] == "packed"
     assert report["bpw"] <= 3.5
     assert report["calibration"]["samples"] == 16
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    dense = SignLockConfig(dequantize=True)  # dense modules (the default keeps the layers compressed)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", quantization_config=dense)
     for name, module in find_target_modules(model).items():
         assert torch.equal(torch.sign(find_target_modules(loaded)[name].weight), torch.where(
             module.weight >= 0, 1.0, -1.0)), name
@@ -181,7 +182,7 @@ def test_calibrated_export_loads_back_within_budget_with_every_sign(tmp_path):
 
     windows = calibration_windows(AutoTokenizer.from_pretrained(run), calibration, run)
     hessians = collect_hessians(model, windows, find_target_modules(model))
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", quantization_config=dense)
     errors = []
     for quantized in (loaded, plain):
         layers = find_target_modules(quantized)

@@ -54,7 +54,7 @@ def _pointer(tensor: torch.Tensor) -> int:
 
 
 def _threads() -> int:
-    return max(1, torch.get_num_threads())
+    return native.threads()
 
 
 def _kernel(lib, kind: int, name: str):  # sl_signmag_<name> / sl_vq_<name>

@@ -14,9 +14,10 @@ does). With AVX-512 (F, VL, BW), FMA and F16C on the CPU the SIMD paths are comp
 the portable loops only. Linked against ``libgomp.so.1``: the OpenMP runtime torch has already loaded, so the two
 share one thread pool instead of fighting over the cores.
 
-When no library can be had (no compiler, a failed build, a platform other than Linux/x86-64, or
-``HF_SIGNLOCK_KERNELS=0``), ``library()`` returns None after one warning that names the cause, and callers take the
-pure-torch path, which gives the same numbers.
+When no library can be had (no compiler, a failed build, a platform other than Linux/x86-64, a thread count
+``HF_SIGNLOCK_THREADS`` that is not a positive number), ``library()`` returns None after one warning that names the
+cause, and callers take the pure-torch path, which gives the same numbers; ``HF_SIGNLOCK_KERNELS=0`` asks for that
+path without a warning. The kernels run on ``HF_SIGNLOCK_THREADS`` threads, else on torch's thread count.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def build(simd: bool | None = None) -> Path:
     simd = cpu_supports_simd() if simd is None else simd
     cc = compiler()
     flags = [*BASE_FLAGS, *(SIMD_FLAGS if simd else ())]
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout.splitlines()[:1]
     key = hashlib.sha256(SOURCE.read_bytes() + repr((flags, version)).encode()).hexdigest()[:16]
     target = cache_dir() / f"signlock_kernels-{key}{'-simd' if simd else ''}.so"
     if target.exists():
@@ -93,11 +94,34 @@ def build(simd: bool | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:  # built beside, moved into place when complete
         built = Path(scratch) / target.name
-        result = subprocess.run([cc, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        result = subprocess.run([cc, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True,
+                                check=False)
         if result.returncode != 0:
             raise KernelUnavailable(f"building {SOURCE.name} with {cc} failed: {result.stderr.strip()[-800:]}")
         os.replace(built, target)
     return target
+
+
+def _thread_setting() -> int | None:
+    """``HF_SIGNLOCK_THREADS`` as a positive int, None when unset; raises ``KernelUnavailable`` when it is not one."""
+    value = os.environ.get("HF_SIGNLOCK_THREADS")
+    if value is None:
+        return None
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise KernelUnavailable(f"HF_SIGNLOCK_THREADS={value!r} is not a positive thread count (unset it to use "
+                                "torch's, or give a number >= 1)")
+    return threads
+
+
+def threads() -> int:
+    """Threads the kernels run on: ``HF_SIGNLOCK_THREADS``, else torch's intra-op thread count."""
+    import torch
+
+    return _thread_setting() or max(1, torch.get_num_threads())
 
 
 @functools.cache
@@ -106,6 +130,7 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("HF_SIGNLOCK_KERNELS", "1").strip().lower() in ("0", "false", "off", "no"):
         return None  # asked for the torch path: no warning
     try:
+        _thread_setting()
         import torch  # noqa: F401  (loads libgomp.so.1 first, so the kernels share torch's OpenMP runtime)
 
         lib = ctypes.CDLL(str(build()))

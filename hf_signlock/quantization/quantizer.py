@@ -181,6 +181,10 @@ class SignLockHfQuantizer(HfQuantizer):
         return True
 
     @property
+    def is_compileable(self) -> bool:
+        return True  # the compressed forward is a torch custom op (hf_signlock::compressed_linear): traced, not broken
+
+    @property
     def is_trainable(self) -> bool:
         return True  # adapters (LoRA) train on top of frozen SignLock layers; see hf_signlock.quantization.lora
 

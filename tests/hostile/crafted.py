@@ -142,9 +142,10 @@ CASES: dict[str, Case] = {
                                                 "compressed": ("CorruptCheckpointError", "NaN"), "inspect": None},
                              notes="payload checksum and config recomputed; inspect counts bytes, it decodes nothing"),
     "table-overflow-forged": Case("vq", _huge_table, {"dense": ("CorruptCheckpointError", "infinite"),
-                                                      "compressed": None, "inspect": None},
+                                                      "compressed": ("CorruptCheckpointError", "infinite"),
+                                                      "inspect": None},
                                   notes="finite tables that overflow once multiplied: the dense load checks the "
-                                        "decoded weights; a compressed layer decodes in each forward"),
+                                        "decoded weights, the compressed one the largest product of the tables"),
     # --- reports garbage ------------------------------------------------------------------------------------------
     "flip-bytes-2**62": Case("vq", _record(FIRST, flip_bytes=2 ** 62),
                              everywhere("CorruptCheckpointError", "flip stream"), kind="reports garbage"),

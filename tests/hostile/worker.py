@@ -40,13 +40,8 @@ def attempt(function) -> dict:
 def load(folder: Path, base: Path | None, compressed: bool):
     import torch
 
-    options = {}
-    if compressed or base is not None:
-        config = SignLockConfig(base_model=str(base) if base is not None else None)
-        if compressed:
-            config.dequantize = False
-        options["quantization_config"] = config
-    model = AutoModelForCausalLM.from_pretrained(folder, **options)
+    config = SignLockConfig(base_model=str(base) if base is not None else None, dequantize=not compressed)
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config)
     with torch.no_grad():
         logits = model(torch.tensor(IDS)).logits
     if not torch.isfinite(logits).all():

@@ -110,7 +110,6 @@ class MagnitudeCodec:
     def kernel_operands(self, stored, shape, params, sign_bits: torch.Tensor):
         """What the compressed-domain kernels read (``kernels.matmul.Operands``), or None: this codec has none and its
         layers decode, then multiply. Raises ``ValueError`` if the tables cannot be what the kernels index."""
-        return None
 
 
 def row_positions(cols: int, rows: torch.Tensor) -> torch.Tensor:

@@ -290,6 +290,9 @@ class VectorCodec(MagnitudeCodec):
                                           self._row_scale(stored).expand(shape[0]).contiguous(), sign_bits,
                                           params["bits"], params["group"], *shape)
         kernel_matmul.check_codes_in_table(operands)
+        largest = operands.table.abs().max().double() * operands.scales.abs().max().double()
+        if not torch.isfinite(largest.float()):  # the weights a forward would use: refused now, not as inf logits
+            raise ValueError(f"the codebook times the row scales reaches {largest.item():.3g}: infinite in float32")
         return operands
 
     def stored_specs(self, shape, dtype, params):

@@ -1,0 +1,308 @@
+"""Running compressed: generation and prefill speed, memory and quality of SignLock models against dense, one run.
+
+Rows (2 threads, every model loaded in a fresh process, rounds interleaved so that a slow moment of the machine hits
+every row alike):
+
+- SmolLM2-135M dense float32 and dense bf16 (transformers' own ``nn.Linear``);
+- SmolLM2-135M exports, the whole model (embedding and tied head too) with calibrated ``signmag``: about 2.3 bits per
+  target weight (the fine-tune ``runs/smollm2-ft`` stored against its base), 3.25 and 4.25 (packed signs); each
+  loaded as ``from_pretrained`` gives it (compressed: the kernels of ``hf_signlock.kernels``) and dequantized
+  (``SignLockConfig(dequantize=True)``: dense bf16 modules);
+- the quickstart model (``runs/quickstart``) dense bf16, and exported at 1.0 and 0.5 bits per parameter of the whole
+  file (vq, seeded signs, 200 teacher refinement steps, as ``make quickstart``), compressed and dequantized.
+
+Per row: generation tokens/s (batch 1, a 32-token prompt, 128 new tokens, greedy, ``min_new_tokens`` so that every
+run makes all 128), prefill tokens/s (one forward of 512 tokens; the quickstart model's context is 128, so 128
+there), resident memory of the loaded model (RSS growth of the process over the load and a first forward) and the
+bytes of its weights in memory (parameters, buffers and what the kernels keep: packed signs, tables), the bytes of
+the whole file, perplexity on held-out text (SmolLM2: the first 4,096 held-out tokens of the built-in corpus, window
+256, stride 128, as ``bench_real_export.py``; quickstart: its run's held-out split, window 128). Speed is the median
+over ``--repeats`` rounds, with the min and max.
+
+    python bench/bench_decode.py [--repeats 3] [--only smollm2|quickstart]   # writes results/decode.{json,md,png}
+
+Exports are made once into ``runs/decode/`` (about 8 minutes); the fine-tune needs ``runs/smollm2-ft``
+(``hf-signlock train --config recipes/finetune_smollm2.yaml``) and the quickstart rows ``make quickstart``: rows
+whose model is missing are reported as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = ROOT / "runs"
+WORK = RUNS / "decode"
+THREADS = 2
+PROMPT, NEW_TOKENS = 32, 128
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+# --- the worker: one model, one process ---------------------------------------------------------------------------
+
+
+def resident_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's weights as held in memory: every distinct storage among its parameters and buffers, and
+    what compressed layers keep beside their payload for the kernels (signs rebuilt from a seed or base, tables)."""
+    from hf_signlock.quantization.layers import compressed_layers
+
+    tensors = [*model.parameters(), *model.buffers()]
+    for layer in compressed_layers(model).values():
+        operands = layer.kernel_operands()
+        if operands is not None:
+            tensors += [operands.signs, operands.table, operands.scales]
+        elif layer._signs[1] is not None:
+            tensors.append(layer._signs[1])
+    storages = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def worker(spec: dict) -> dict:
+    """Load ``spec["folder"]`` as ``spec["load"]`` says; time generation and prefill; optionally perplexity."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    import hf_signlock
+    from hf_signlock.kernels import native
+
+    logging.disable_progress_bar()
+    native.library()  # built and loaded before the memory baseline
+    kwargs = {"dtype": getattr(torch, spec["dtype"])} if spec.get("dtype") else {}
+    if spec["load"] == "dequantized":
+        kwargs["quantization_config"] = hf_signlock.SignLockConfig(dequantize=True)
+    before = resident_mib()
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(spec["folder"], **kwargs).eval()
+    load_s = time.perf_counter() - start
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    prompt = torch.randint(100, min(vocab, 10_000), (1, PROMPT), generator=generator)
+    prefill_length = min(512, getattr(model.config, "max_position_embeddings", 512))
+    prefill_ids = torch.randint(100, min(vocab, 10_000), (1, prefill_length), generator=generator)
+    result = {"load_s": load_s}
+    with torch.inference_mode():
+        model(prefill_ids[:, :8])
+        result["resident_mib"] = resident_mib() - before
+        result["weight_bytes"] = weight_bytes(model)
+        settings = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, "do_sample": False,
+                    "pad_token_id": model.config.eos_token_id}
+        model.generate(prompt, **{**settings, "max_new_tokens": 8, "min_new_tokens": 8})  # warm
+        start = time.perf_counter()
+        model.generate(prompt, **settings)
+        result["generate_tokens_per_s"] = NEW_TOKENS / (time.perf_counter() - start)
+        model(prefill_ids)
+        start = time.perf_counter()
+        model(prefill_ids)
+        result["prefill_tokens_per_s"] = prefill_length / (time.perf_counter() - start)
+        result["prefill_tokens"] = prefill_length
+        result["modules"] = type(model.get_output_embeddings()).__name__
+    if spec.get("perplexity"):
+        from hf_signlock.evaluation.perplexity import sliding_window_perplexity
+        from hf_signlock.text import resolve_eval_text
+        from transformers import AutoTokenizer
+
+        source = spec["text_source"]
+        text = resolve_eval_text(AutoTokenizer.from_pretrained(source), None, model_source=source,
+                                 split="validation", max_tokens=spec.get("tokens"))
+        window = spec["window"]
+        result["perplexity"] = sliding_window_perplexity(model, text.input_ids, window=window,
+                                                         stride=window // 2)["perplexity"]
+    return result
+
+
+def run_worker(spec: dict) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TQDM_DISABLE": "1"}
+    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                          env=env, timeout=1800)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1][:400]}
+    return json.loads(lines[-1])
+
+
+# --- exports ------------------------------------------------------------------------------------------------------
+
+
+def ensure_export(out: Path, source: Path, **kwargs) -> Path | None:
+    from hf_signlock.quantization.export import export_run
+
+    if (out / "config.json").exists():
+        return out
+    if not source.exists():
+        return None
+    log(f"exporting {source.name} -> {out.name} {kwargs}")
+    export_run(source, out, overwrite=True, **kwargs)
+    return out
+
+
+def file_bytes(folder: Path) -> int:
+    names = ("config.json", "generation_config.json", "model.safetensors.index.json")
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors")) + sum(
+        (folder / n).stat().st_size for n in names if (folder / n).exists())
+
+
+def specs(only: str | None) -> list[dict]:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from get_smollm2 import smollm2_folder
+
+    rows = []
+    if only in (None, "smollm2"):
+        smollm2 = smollm2_folder()
+        text = {"text_source": str(smollm2), "tokens": 4096, "window": 256}
+        rows += [{"name": "SmolLM2-135M dense fp32", "family": "smollm2", "folder": str(smollm2), "load": "dense",
+                  "dtype": "float32", **text},
+                 {"name": "SmolLM2-135M dense bf16", "family": "smollm2", "folder": str(smollm2), "load": "dense",
+                  "dtype": "bfloat16", "baseline": True, **text}]
+        exports = [("fine-tune vs base, 2.3 bpw", ensure_export(WORK / "smollm2-ft-base-2.3", RUNS / "smollm2-ft",
+                                                                bits_per_weight=2.3, sign_source="base"),
+                    {"text_source": str(RUNS / "smollm2-ft")}),
+                   ("3.25 bpw", ensure_export(WORK / "smollm2-3.25", smollm2, bits_per_weight=3.25), {}),
+                   ("4.25 bpw", ensure_export(WORK / "smollm2-4.25", smollm2, bits_per_weight=4.25), {})]
+        for label, folder, extra in exports:
+            for load in ("compressed", "dequantized"):
+                rows.append({"name": f"SmolLM2-135M {label}, {load}", "family": "smollm2",
+                             "folder": str(folder) if folder else None, "load": load, **text, **extra})
+    if only in (None, "quickstart"):
+        run = RUNS / "quickstart"
+        text = {"text_source": str(run), "tokens": None, "window": 128}
+        rows.append({"name": "quickstart dense bf16", "family": "quickstart", "folder": str(run) if run.exists()
+                     else None, "load": "dense", "dtype": "bfloat16", "baseline": True, **text})
+        for budget in (1.0, 0.5):
+            folder = ensure_export(WORK / f"quickstart-{budget}", run, bits_per_parameter=budget, refine_steps=200,
+                                   refine_loss="teacher")
+            for load in ("compressed", "dequantized"):
+                rows.append({"name": f"quickstart {budget} bpp, {load}", "family": "quickstart",
+                             "folder": str(folder) if folder else None, "load": load, **text})
+    return rows
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=["smollm2", "quickstart"])
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    started = time.perf_counter()
+    rows = specs(args.only)
+    for row in rows:
+        if row["folder"]:
+            row["file_bytes"] = file_bytes(Path(row["folder"]))
+    for round_index in range(args.repeats):
+        for row in rows:
+            if not row["folder"] or "error" in row:
+                continue
+            log(f"round {round_index + 1}/{args.repeats}: {row['name']}")
+            result = run_worker({**row, "perplexity": round_index == 0})
+            if "error" in result:
+                row["error"] = result["error"]
+                continue
+            for key, value in result.items():
+                row.setdefault("measured", {}).setdefault(key, []).append(value)
+    for row in rows:
+        measured = row.pop("measured", {})
+        for key in ("generate_tokens_per_s", "prefill_tokens_per_s", "load_s"):
+            if key in measured:
+                row[key] = spread(measured[key])
+        for key in ("resident_mib", "weight_bytes", "perplexity", "prefill_tokens", "modules"):
+            if key in measured:
+                row[key] = measured[key][0] if key != "resident_mib" else statistics.median(measured[key])
+        if not row["folder"]:
+            row["error"] = "model missing (see the docstring for how to make it)"
+    for family in ("smollm2", "quickstart"):
+        base = next((r for r in rows if r["family"] == family and r.get("baseline") and "generate_tokens_per_s"
+                     in r), None)
+        for row in rows:
+            if base and row["family"] == family and "generate_tokens_per_s" in row:
+                row["generate_x_dense_bf16"] = (row["generate_tokens_per_s"]["median"]
+                                                / base["generate_tokens_per_s"]["median"])
+                row["prefill_x_dense_bf16"] = (row["prefill_tokens_per_s"]["median"]
+                                               / base["prefill_tokens_per_s"]["median"])
+                row["weight_memory_x_dense_bf16"] = row["weight_bytes"] / base["weight_bytes"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"threads": THREADS, "repeats": args.repeats, "prompt": PROMPT, "new_tokens": NEW_TOKENS,
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+            "seconds": round(time.perf_counter() - started)}
+    (out / "decode.json").write_text(json.dumps({"rows": rows, "meta": meta}, indent=2) + "\n")
+    (out / "decode.md").write_text(markdown(rows, meta))
+    plot(rows, out / "decode.png")
+    log((out / "decode.md").read_text())
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = ["# Running compressed: speed, memory and quality (SmolLM2-135M and the quickstart model)", "",
+             f"2 threads, batch 1, {meta['prompt']}-token prompt, {meta['new_tokens']} new tokens, greedy; prefill: "
+             "one forward of 512 tokens (quickstart: 128, its context). Median of "
+             f"{meta['repeats']} rounds [min-max], every model loaded in a fresh process. Weight memory: parameters, "
+             "buffers and what the kernels keep, in memory. x bf16: against the dense bf16 row of the same model.", "",
+             "| model | loaded as | file MB | generate tok/s | x bf16 | prefill tok/s | x bf16 | weight MB | x bf16 | "
+             "RSS growth MiB | perplexity |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['name']} | {row['load']} | | failed: {row['error']} | | | | | | | |")
+            continue
+        gen, pre = row["generate_tokens_per_s"], row["prefill_tokens_per_s"]
+        lines.append(
+            f"| {row['name']} | {row['modules']} | {row['file_bytes'] / 1e6:.1f} | {gen['median']:.1f} "
+            f"[{gen['min']:.1f}-{gen['max']:.1f}] | {row.get('generate_x_dense_bf16', float('nan')):.2f} | "
+            f"{pre['median']:.0f} [{pre['min']:.0f}-{pre['max']:.0f}] | {row.get('prefill_x_dense_bf16', float('nan')):.2f}"
+            f" | {row['weight_bytes'] / 1e6:.1f} | {row.get('weight_memory_x_dense_bf16', float('nan')):.3f} | "
+            f"{row['resident_mib']:.0f} | {row.get('perplexity', float('nan')):.2f} |")
+    lines += ["", f"Machine: {meta['machine']}; whole run {meta['seconds']} s. `python bench/bench_decode.py`.", ""]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, family in zip(axes, ("smollm2", "quickstart")):
+        for row in [r for r in rows if r["family"] == family and "generate_tokens_per_s" in r]:
+            gen = row["generate_tokens_per_s"]
+            marker = {"compressed": "o", "dequantized": "s", "dense": "^"}[row["load"]]
+            ax.errorbar(row["file_bytes"] / 1e6, gen["median"], yerr=[[gen["median"] - gen["min"]],
+                        [gen["max"] - gen["median"]]], fmt=marker, capsize=3, label=row["name"])
+        ax.set_xscale("log")
+        ax.set_xlabel("file size, MB (log)")
+        ax.set_ylabel("generation tokens/s (batch 1, 2 threads)")
+        ax.set_title("SmolLM2-135M" if family == "smollm2" else "quickstart model")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""The compressed-domain kernels (``hf_signlock.kernels.matmul``): equal to decode-then-matmul for every codec, shape,
+batch, dtype, layout and sign source; the pure-torch fallback equal to them; the causes that send a layer to that
+fallback (no compiler, a CPU without the instructions, a thread count of 0) warn and never crash; a code past its
+table is a typed error at load."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+from hf_signlock import CorruptCheckpointError, SignLockConfig, apply_gap_init, quantize_model
+from hf_signlock.kernels import matmul, native
+from hf_signlock.quantization.bitpack import pack_uint
+from hf_signlock.quantization.embedding import SignLockEmbedding, SignLockTiedHead
+from hf_signlock.quantization.layers import compressed_layers
+from hf_signlock.quantization.linear import SignLockLinear
+
+SEED = 5
+FP32_TOLERANCE = 1e-5  # max |kernel - reference| / max |reference|: the issue's bound for fp32 logits
+BF16_TOLERANCE = 1e-3  # of bf16 logits, in norm: see test_model_logits_equal_the_decode_path
+
+
+def relative_max(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+def random_operands(kind: int, rows: int, cols: int, width: int, group: int, seed: int) -> matmul.Operands:
+    """A layer of random codes (every table entry, zeros too), scales and signs."""
+    g = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 256, (math.ceil(rows * cols / 8),), dtype=torch.uint8, generator=g)
+    if kind == matmul.SIGNMAG:
+        codes = pack_uint(torch.randint(0, 1 << width, (rows * cols,), generator=g), width)
+        levels = torch.rand(1 << width, generator=g).half().float()
+        levels[0] = 0.0
+        scales = torch.rand(rows, math.ceil(cols / group), generator=g).half()
+        return matmul.Operands(kind, codes, levels, scales, signs, width, group, rows, cols)
+    codes = pack_uint(torch.randint(0, 1 << width, (math.ceil(rows * cols / group),), generator=g), width)
+    codebook = torch.rand(1 << width, group, generator=g).bfloat16().float()
+    return matmul.Operands(kind, codes, codebook, torch.rand(rows, generator=g), signs, width, group, rows, cols)
+
+
+requires_kernels = pytest.mark.skipif(native.library() is None, reason="the compiled kernels do not build here")
+
+
+@requires_kernels
+@settings(max_examples=60, deadline=None)
+@given(kind=st.sampled_from([matmul.SIGNMAG, matmul.VQ]), rows=st.integers(1, 40), cols=st.integers(1, 100),
+       width=st.sampled_from([1, 2, 3, 4, 5, 8]), group=st.integers(1, 100), batch=st.integers(1, 20),
+       seed=st.integers(0, 2**16))
+@example(kind=matmul.SIGNMAG, rows=9, cols=576, width=2, group=72, batch=1, seed=1)  # SmolLM2's 3.25-bit layers
+@example(kind=matmul.SIGNMAG, rows=9, cols=576, width=3, group=72, batch=3, seed=2)  # its 4.25-bit ones
+@example(kind=matmul.SIGNMAG, rows=5, cols=96, width=4, group=32, batch=5, seed=3)   # the 16-entry table
+@example(kind=matmul.SIGNMAG, rows=3, cols=48, width=1, group=16, batch=2, seed=4)
+@example(kind=matmul.VQ, rows=7, cols=128, width=4, group=6, batch=1, seed=5)        # groups across rows
+def test_kernels_equal_decode_then_matmul(kind, rows, cols, width, group, batch, seed):
+    ops = random_operands(kind, rows, cols, width, group, seed)
+    weight = matmul.reference_rows(ops, 0, rows)
+    lib = native.library()
+    assert torch.equal(matmul.decode_rows(ops, 0, rows, lib), weight)  # the tiles: bit for bit
+    x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(seed))
+    reference = x @ weight.T
+    assert relative_max(matmul.small_batch(x, ops, lib), reference) <= FP32_TOLERANCE
+    assert relative_max(matmul.tiled(x, ops, lib), reference) <= FP32_TOLERANCE
+    assert relative_max(matmul.linear(x.view(batch, 1, cols), ops).view(batch, rows), reference) <= FP32_TOLERANCE
+    # bf16 activations in and out: the product of the bf16 input in float32, rounded once
+    x16 = x.bfloat16()
+    out16 = matmul.small_batch(x16, ops, lib)
+    assert out16.dtype == torch.bfloat16
+    assert relative_max(out16, (x16.float() @ weight.T).bfloat16()) <= 2 ** -7
+    assert torch.equal(matmul.gather_rows(ops, torch.tensor([rows - 1, 0])), weight[[rows - 1, 0]])
+
+
+def test_torch_fallback_gives_the_same_numbers(monkeypatch):
+    ops = random_operands(matmul.SIGNMAG, 30, 64, 3, 16, 0)
+    x = torch.randn(5, 64)
+    expected = x @ matmul.reference_rows(ops, 0, 30).T
+    monkeypatch.setattr(native, "library", lambda: None)
+    assert not matmul.compiled()
+    assert relative_max(matmul.linear(x, ops), expected) <= FP32_TOLERANCE
+    assert relative_max(matmul.linear(x[:1], ops), expected[:1]) <= FP32_TOLERANCE
+
+
+def test_a_vq_code_past_a_shared_codebook_is_refused():
+    ops = random_operands(matmul.VQ, 4, 16, 4, 8, 0)
+    small = ops._replace(table=ops.table[:3])  # a codebook of 3 words for 4-bit codes
+    with pytest.raises(ValueError, match="past the codebook"):
+        matmul.check_codes_in_table(small)
+    matmul.check_codes_in_table(ops)
+
+
+# --- why the kernels may be unavailable: a warning naming the cause, then the torch path --------------------------
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """``native.library()`` rebuilt from scratch in a temporary cache, restored afterwards."""
+    monkeypatch.setenv("HF_SIGNLOCK_CACHE", str(tmp_path))
+    native.library.cache_clear()
+    yield
+    native.library.cache_clear()
+
+
+def test_no_compiler_warns_and_falls_back(fresh_library, monkeypatch):
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("CC", raising=False)
+    with pytest.warns(RuntimeWarning, match="no C compiler found"):
+        assert native.library() is None
+
+
+def test_a_failed_build_warns_and_falls_back(fresh_library, monkeypatch, tmp_path):
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    with pytest.warns(RuntimeWarning, match="failed"):
+        assert native.library() is None
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "many"])
+def test_a_thread_count_of_zero_warns_and_falls_back(fresh_library, monkeypatch, value):
+    monkeypatch.setenv("HF_SIGNLOCK_THREADS", value)
+    with pytest.warns(RuntimeWarning, match="HF_SIGNLOCK_THREADS"):
+        assert native.library() is None
+
+
+def test_a_cpu_without_the_instructions_gets_the_portable_build(fresh_library, monkeypatch):
+    if native.library() is None:
+        pytest.skip("no compiler here")
+    native.library.cache_clear()
+    monkeypatch.setattr(native, "cpu_supports_simd", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lib = native.library()
+    assert lib is not None and lib.sl_simd() == 0
+    for kind, width, group in ((matmul.SIGNMAG, 2, 72), (matmul.SIGNMAG, 3, 16), (matmul.VQ, 4, 6)):
+        ops = random_operands(kind, 12, 576, width, group, 1)
+        x = torch.randn(3, 576)
+        assert relative_max(matmul.small_batch(x, ops, lib), x @ matmul.reference_rows(ops, 0, 12).T) <= 1e-5
+
+
+# --- whole models: every layout and sign source, fp32 and bf16 ----------------------------------------------------
+
+CONFIGS = {
+    "llama": lambda: LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=96),
+    "llama-tied": lambda: LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+                                      tie_word_embeddings=True),
+    "gpt2": lambda: GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=96, n_positions=32),
+}
+CODECS = {"signmag2": ("signmag", {"bits": 2, "group": 16}), "signmag3": ("signmag", {"bits": 3, "group": 24}),
+          "signmag4": ("signmag", {"bits": 4, "group": 8}), "vq": ("vq", {"bits": 4, "group": 6})}
+
+
+def compressed_model(arch: str, codec: str, sign_source: str):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[arch]()).eval()
+    targets = apply_gap_init(model, seed=SEED, gap=0.5, embeddings=True)
+    with torch.no_grad():
+        for t in targets:
+            t.param.add_(torch.randn_like(t.param) * t.init_std * 0.3)
+    name, params = CODECS[codec]
+    return quantize_model(model, SignLockConfig(seed=SEED, codec=name, codec_params=params, sign_source=sign_source,
+                                                target_embeddings=True))
+
+
+def logits_both_ways(model, monkeypatch, ids):
+    with torch.no_grad():
+        kernel = model(ids).logits
+        with monkeypatch.context() as patch:  # the decode-then-matmul path
+            patch.setattr(native, "library", lambda: None)
+            for layer in compressed_layers(model).values():
+                layer._operands = (None, None)
+            patch.setattr(type(next(iter(compressed_layers(model).values()))), "kernel_operands", lambda self: None)
+            reference = model(ids).logits
+    for layer in compressed_layers(model).values():
+        layer._operands = (None, None)
+    return kernel, reference
+
+
+@requires_kernels
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+@pytest.mark.parametrize("codec", sorted(CODECS))
+@pytest.mark.parametrize("sign_source", ["seed", "template", "packed"])
+def test_model_logits_equal_the_decode_path(arch, codec, sign_source, monkeypatch):
+    model = compressed_model(arch, codec, sign_source)
+    layers = compressed_layers(model)
+    assert any(isinstance(layer, SignLockEmbedding) for layer in layers.values())
+    if arch != "gpt2":  # GPT-2's Conv1D ([in, out]) decodes, then multiplies
+        assert all(layer.kernel_operands() is not None for layer in layers.values())
+    if arch == "llama-tied":
+        assert isinstance(model.get_output_embeddings(), SignLockTiedHead)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    kernel, reference = logits_both_ways(model, monkeypatch, ids[:1, :1])  # the matrix-vector kernel
+    assert relative_max(kernel, reference) <= FP32_TOLERANCE
+    kernel, reference = logits_both_ways(model, monkeypatch, ids)  # 18 rows: the tiles
+    assert relative_max(kernel, reference) <= FP32_TOLERANCE
+    exact = reference.float()  # fp32 logits of the decode path
+    model.to(torch.bfloat16)
+    kernel, reference = logits_both_ways(model, monkeypatch, ids[:1, :1])
+    assert kernel.dtype == torch.bfloat16
+    # In bf16 the decode path rounds every weight to bf16 before its matmul; the kernels use the stored values
+    # exactly and round once per output. Both against the fp32 logits: the kernels at least as close, within 1e-3.
+    kernel_error = ((kernel.float() - exact).norm() / exact.norm()).item()
+    decode_error = ((reference.float() - exact).norm() / exact.norm()).item()
+    assert kernel_error <= decode_error + BF16_TOLERANCE, (kernel_error, decode_error)
+
+
+@requires_kernels
+def test_generation_runs_compressed_and_matches_the_decode_path(monkeypatch):
+    model = compressed_model("llama-tied", "signmag2", "seed")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    kernel = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    monkeypatch.setattr(SignLockLinear, "kernel_operands", lambda self: None)
+    monkeypatch.setattr(SignLockEmbedding, "kernel_operands", lambda self: None)
+    assert torch.equal(kernel, model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False))
+
+
+@requires_kernels
+def test_lora_style_training_runs_on_the_kernels_forward():
+    model = compressed_model("llama", "signmag2", "seed")
+    layer = model.model.layers[0].mlp.up_proj
+    x = torch.randn(3, 64, requires_grad=True)
+    y = layer(x)
+    y.square().sum().backward()
+    weight = layer.decode_weight()
+    assert torch.allclose(x.grad, 2 * (x @ weight.T) @ weight, rtol=1e-4, atol=1e-5)
+
+
+def test_corrupt_tables_are_a_typed_error_when_the_operands_are_made():
+    model = compressed_model("llama", "signmag2", "seed")
+    layer = model.model.layers[0].mlp.up_proj
+    layer.record = dict(layer.record)
+    layer.codec_params = {"bits": 3, "group": 16}  # levels stored for 2 bits, codes read as 3
+    layer._operands = (None, None)
+    with pytest.raises(CorruptCheckpointError, match="levels"):
+        layer.kernel_operands()
