@@ -102,13 +102,19 @@ def worker(spec: dict) -> dict:
     prefill_length = min(512, getattr(model.config, "max_position_embeddings", 512))
     prefill_ids = torch.randint(100, min(vocab, 10_000), (1, prefill_length), generator=generator)
     result = {"load_s": load_s}
+    settings = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, "do_sample": False,
+                "pad_token_id": model.config.eos_token_id}
+    if spec.get("compile"):  # a static cache, so the decode step has one shape; compiled on the first call
+        settings["cache_implementation"] = "static"
+        model.forward = torch.compile(model.forward)
     with torch.inference_mode():
         model(prefill_ids[:, :8])
         result["resident_mib"] = resident_mib() - before
         result["weight_bytes"] = weight_bytes(model)
-        settings = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, "do_sample": False,
-                    "pad_token_id": model.config.eos_token_id}
-        model.generate(prompt, **{**settings, "max_new_tokens": 8, "min_new_tokens": 8})  # warm
+        start = time.perf_counter()
+        model.generate(prompt, **(settings if spec.get("compile") else {**settings, "max_new_tokens": 8,
+                                                                        "min_new_tokens": 8}))  # warm (compile)
+        result["warm_s"] = time.perf_counter() - start
         start = time.perf_counter()
         model.generate(prompt, **settings)
         result["generate_tokens_per_s"] = NEW_TOKENS / (time.perf_counter() - start)
@@ -119,9 +125,10 @@ def worker(spec: dict) -> dict:
         result["prefill_tokens"] = prefill_length
         result["modules"] = type(model.get_output_embeddings()).__name__
     if spec.get("perplexity"):
+        from transformers import AutoTokenizer
+
         from hf_signlock.evaluation.perplexity import sliding_window_perplexity
         from hf_signlock.text import resolve_eval_text
-        from transformers import AutoTokenizer
 
         source = spec["text_source"]
         text = resolve_eval_text(AutoTokenizer.from_pretrained(source), None, model_source=source,
@@ -135,7 +142,7 @@ def worker(spec: dict) -> dict:
 def run_worker(spec: dict) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TQDM_DISABLE": "1"}
     done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                          env=env, timeout=1800)
+                          env=env, timeout=1800, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1][:400]}
@@ -184,6 +191,12 @@ def specs(only: str | None) -> list[dict]:
             for load in ("compressed", "dequantized"):
                 rows.append({"name": f"SmolLM2-135M {label}, {load}", "family": "smollm2",
                              "folder": str(folder) if folder else None, "load": load, **text, **extra})
+        # torch.compile with a static cache: once (its compilation takes minutes), against the same eager rows
+        rows += [{"name": "SmolLM2-135M dense bf16, torch.compile", "family": "smollm2", "folder": str(smollm2),
+                  "load": "dense", "dtype": "bfloat16", "compile": True, "once": True, **text},
+                 {"name": "SmolLM2-135M 3.25 bpw, compressed, torch.compile", "family": "smollm2",
+                  "folder": str(exports[1][1]) if exports[1][1] else None, "load": "compressed", "compile": True,
+                  "once": True, **text}]
     if only in (None, "quickstart"):
         run = RUNS / "quickstart"
         text = {"text_source": str(run), "tokens": None, "window": 128}
@@ -219,10 +232,10 @@ def main(argv=None) -> None:
             row["file_bytes"] = file_bytes(Path(row["folder"]))
     for round_index in range(args.repeats):
         for row in rows:
-            if not row["folder"] or "error" in row:
+            if not row["folder"] or "error" in row or (row.get("once") and round_index):
                 continue
             log(f"round {round_index + 1}/{args.repeats}: {row['name']}")
-            result = run_worker({**row, "perplexity": round_index == 0})
+            result = run_worker({**row, "perplexity": round_index == 0 and not row.get("compile")})
             if "error" in result:
                 row["error"] = result["error"]
                 continue
@@ -233,11 +246,13 @@ def main(argv=None) -> None:
         for key in ("generate_tokens_per_s", "prefill_tokens_per_s", "load_s"):
             if key in measured:
                 row[key] = spread(measured[key])
-        for key in ("resident_mib", "weight_bytes", "perplexity", "prefill_tokens", "modules"):
+        for key in ("resident_mib", "weight_bytes", "perplexity", "prefill_tokens", "modules", "warm_s"):
             if key in measured:
                 row[key] = measured[key][0] if key != "resident_mib" else statistics.median(measured[key])
         if not row["folder"]:
             row["error"] = "model missing (see the docstring for how to make it)"
+        elif "generate_tokens_per_s" not in row and "error" not in row:
+            row["error"] = "not measured (--repeats 0)"
     for family in ("smollm2", "quickstart"):
         base = next((r for r in rows if r["family"] == family and r.get("baseline") and "generate_tokens_per_s"
                      in r), None)
@@ -261,12 +276,12 @@ def main(argv=None) -> None:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = ["# Running compressed: speed, memory and quality (SmolLM2-135M and the quickstart model)", "",
-             f"2 threads, batch 1, {meta['prompt']}-token prompt, {meta['new_tokens']} new tokens, greedy; prefill: "
+             (f"2 threads, batch 1, {meta['prompt']}-token prompt, {meta['new_tokens']} new tokens, greedy; prefill: "
              "one forward of 512 tokens (quickstart: 128, its context). Median of "
              f"{meta['repeats']} rounds [min-max], every model loaded in a fresh process. Weight memory: parameters, "
-             "buffers and what the kernels keep, in memory. x bf16: against the dense bf16 row of the same model.", "",
-             "| model | loaded as | file MB | generate tok/s | x bf16 | prefill tok/s | x bf16 | weight MB | x bf16 | "
-             "RSS growth MiB | perplexity |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "buffers and what the kernels keep, in memory. x bf16: against the dense bf16 row of the same model."), "",
+             ("| model | loaded as | file MB | generate tok/s | x bf16 | prefill tok/s | x bf16 | weight MB | x bf16 | "
+             "RSS growth MiB | perplexity |"), "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['name']} | {row['load']} | | failed: {row['error']} | | | | | | | |")
@@ -292,7 +307,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, family in zip(axes, ("smollm2", "quickstart")):
         for row in [r for r in rows if r["family"] == family and "generate_tokens_per_s" in r]:
             gen = row["generate_tokens_per_s"]
-            marker = {"compressed": "o", "dequantized": "s", "dense": "^"}[row["load"]]
+            marker = "*" if row.get("compile") else {"compressed": "o", "dequantized": "s", "dense": "^"}[row["load"]]
             ax.errorbar(row["file_bytes"] / 1e6, gen["median"], yerr=[[gen["median"] - gen["min"]],
                         [gen["max"] - gen["median"]]], fmt=marker, capsize=3, label=row["name"])
         ax.set_xscale("log")

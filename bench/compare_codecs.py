@@ -28,7 +28,7 @@ from hf_signlock.evaluation.perplexity import perplexity
 from hf_signlock.quantization.bits import checkpoint_report
 from hf_signlock.quantization.codecs import VectorCodec
 from hf_signlock.quantization.export import signs_of_run
-from hf_signlock.quantization.flip_coding import encode_flips
+from hf_signlock.quantization.format.flip_coding import encode_flips
 from hf_signlock.quantization.linear import SignLockLinear, link_shared_tables
 from hf_signlock.quantization.quantize import flip_positions, layer_overhead_bits, model_bytes
 from hf_signlock.quantization.refine import refine, train_steps

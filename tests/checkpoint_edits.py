@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_signlock.quantization.config import SignLockConfig
-from hf_signlock.quantization.guard import GUARD_KEY
+from hf_signlock.quantization.format.guard import GUARD_KEY
 from hf_signlock.targets import find_target_modules
 
 
@@ -86,7 +86,7 @@ def edit_tensors(folder, edit) -> None:
 def edit_payload(folder, param_name: str, edit) -> None:
     """Rewrite one compressed layer's payload as a forger would: ``edit(sections) -> sections`` on its stored
     sections (name -> uint8 bytes), the payload rebuilt, its checksum and flip-stream length recorded, resealed."""
-    from hf_signlock.quantization.payload import payload_digest
+    from hf_signlock.quantization.format.payload import payload_digest
 
     signlock = SignLockConfig.from_dict(json.loads(Path(folder, "config.json").read_text())["quantization_config"])
     shapes = target_shapes(folder, signlock)

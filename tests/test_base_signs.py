@@ -28,7 +28,7 @@ from hf_signlock.errors import (
 from hf_signlock.quantization.base_signs import clear_base_signs_cache, save_sign_pack, weight_sign_bits
 from hf_signlock.quantization.bits import write_bits_report
 from hf_signlock.quantization.export import export_run
-from hf_signlock.quantization.flip_coding import encode_flips
+from hf_signlock.quantization.format.flip_coding import encode_flips
 from hf_signlock.quantization.linear import SignLockLinear
 from hf_signlock.signs import pack_signs
 from hf_signlock.targets import find_target_modules

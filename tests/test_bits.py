@@ -10,7 +10,7 @@ from transformers import GPT2Config, LlamaConfig
 
 from hf_signlock import SignLockConfig, checkpoint_report, quantize_model
 from hf_signlock.quantization.bits import config_entry_bytes, header_entry_bytes
-from hf_signlock.quantization.guard import GUARD_KEY
+from hf_signlock.quantization.format.guard import GUARD_KEY
 
 CONFIGS = {
     "llama": LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,

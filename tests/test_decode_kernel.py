@@ -8,7 +8,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from hf_signlock.quantization.bitpack import pack_uint
+from hf_signlock.quantization.format.bitpack import pack_uint
 from hf_signlock.quantization.codecs import MagnitudeCodec, make_codec
 from hf_signlock.signs import pack_signs
 

@@ -30,7 +30,7 @@ from hf_signlock.quantization.budget import bits_per_weight_for_file
 from hf_signlock.quantization.calibration import hessian_inputs
 from hf_signlock.quantization.codecs import make_codec
 from hf_signlock.quantization.embedding import SignLockEmbedding, SignLockTiedHead
-from hf_signlock.quantization.guard import GUARD_KEY
+from hf_signlock.quantization.format.guard import GUARD_KEY
 from hf_signlock.quantization.layers import compressed_layers
 from hf_signlock.signs import pack_signs
 from hf_signlock.targets import find_target_modules, tied_head

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_signlock.errors import CorruptCheckpointError
-from hf_signlock.quantization.flip_coding import HEADER_BITS, decode_flips, encode_flips, entropy_bits
+from hf_signlock.quantization.format.flip_coding import HEADER_BITS, decode_flips, encode_flips, entropy_bits
 
 
 def random_flips(numel: int, rate: float, seed: int) -> np.ndarray:

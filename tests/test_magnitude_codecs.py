@@ -118,7 +118,7 @@ def test_bad_parameters_and_budgets_are_named():
 
 @pytest.mark.parametrize("width", [1, 2, 3, 4, 7, 8, 12, 16])
 def test_bitpack_round_trip(width):
-    from hf_signlock.quantization.bitpack import pack_uint, packed_bytes, unpack_uint
+    from hf_signlock.quantization.format.bitpack import pack_uint, packed_bytes, unpack_uint
 
     values = torch.randint(0, 1 << width, (1001,), generator=torch.Generator().manual_seed(width))
     packed = pack_uint(values, width)

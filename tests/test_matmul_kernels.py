@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from hf_signlock import CorruptCheckpointError, SignLockConfig, apply_gap_init, quantize_model
 from hf_signlock.kernels import matmul, native
-from hf_signlock.quantization.bitpack import pack_uint
+from hf_signlock.quantization.format.bitpack import pack_uint
 from hf_signlock.quantization.embedding import SignLockEmbedding, SignLockTiedHead
 from hf_signlock.quantization.layers import compressed_layers
 from hf_signlock.quantization.linear import SignLockLinear
@@ -238,3 +238,15 @@ def test_corrupt_tables_are_a_typed_error_when_the_operands_are_made():
     layer._operands = (None, None)
     with pytest.raises(CorruptCheckpointError, match="levels"):
         layer.kernel_operands()
+
+
+@requires_kernels
+def test_torch_compile_traces_the_compressed_model_in_one_graph():
+    """The compressed forward and lookup are custom ops: ``fullgraph=True`` fails on any graph break."""
+    model = compressed_model("llama-tied", "signmag2", "seed")
+    ids = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        eager = model(ids).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(ids).logits
+    assert relative_max(compiled, eager) <= FP32_TOLERANCE

@@ -4,7 +4,7 @@ import torch
 
 from hf_signlock import SignLockConfig, quantize_model
 from hf_signlock.quantization.linear import SignLockLinear
-from hf_signlock.quantization.payload import payload_layout
+from hf_signlock.quantization.format.payload import payload_layout
 
 
 def test_layout_puts_wide_elements_first_without_padding():

@@ -99,7 +99,7 @@ def tiled(x: torch.Tensor, ops: Operands, lib) -> torch.Tensor:
         count = min(tile_rows, ops.rows - first)
         tile = decode_rows(ops, first, count, lib, buffer[:count])
         torch.mm(tile, x_t, out=y_t[first:first + count])
-    return y_t.t()
+    return y_t.t().contiguous()  # row-major, as F.linear gives it (and as the custom op's fake result says)
 
 
 def linear(x: torch.Tensor, ops: Operands) -> torch.Tensor:
@@ -121,6 +121,15 @@ def compiled() -> bool:
 
 def gather_rows(ops: Operands, rows: torch.Tensor) -> torch.Tensor:
     """Rows ``rows`` (int64 indices, in range) of ``W`` in float32: an embedding lookup."""
+    if torch.compiler.is_compiling():
+        return compressed_rows(rows, ops.codes, ops.table, ops.scales, ops.signs, ops.kind, ops.width, ops.group,
+                               ops.rows, ops.cols)
+    return _gather_rows(ops, rows)
+
+
+def _gather_rows(ops: Operands, rows: torch.Tensor) -> torch.Tensor:
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= ops.rows):  # the kernels index without a check
+        raise IndexError(f"index out of range in self: token ids must be in [0, {ops.rows})")
     lib = native.library()
     out = torch.empty(rows.numel(), ops.cols, dtype=torch.float32)
     for i, row in enumerate(rows.tolist()):
@@ -176,9 +185,22 @@ def _(x, codes, table, scales, signs, kind, width, group, rows, cols):
     return x.new_empty((*x.shape[:-1], rows))
 
 
+@torch.library.custom_op("hf_signlock::compressed_rows", mutates_args=())
+def compressed_rows(index: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
+                    signs: torch.Tensor, kind: int, width: int, group: int, rows: int, cols: int) -> torch.Tensor:
+    """Rows ``index`` of ``W`` in float32 (see ``gather_rows``) as a torch op: an embedding lookup."""
+    return _gather_rows(Operands(kind, codes, table, scales, signs, width, group, rows, cols), index.reshape(-1))
+
+
+@compressed_rows.register_fake
+def _(index, codes, table, scales, signs, kind, width, group, rows, cols):
+    return index.new_empty((index.numel(), cols), dtype=torch.float32)
+
+
 def apply(x: torch.Tensor, ops: Operands) -> torch.Tensor:
     """``x W^T``: directly in eager mode (a custom op's dispatch costs about as much as a small layer's product),
     through the custom op while ``torch.compile`` traces."""
     if torch.compiler.is_compiling():
-        return compressed_linear(x, *ops)
+        return compressed_linear(x, ops.codes, ops.table, ops.scales, ops.signs, ops.kind, ops.width, ops.group,
+                                 ops.rows, ops.cols)
     return linear(x, ops)

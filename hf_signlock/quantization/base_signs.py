@@ -46,7 +46,7 @@ from ..errors import (
 )
 from ..paths import inside, plain_relative_name, replaced_whole
 from ..signs import pack_bits
-from .records import targets_checksum
+from .format.records import targets_checksum
 
 SIGN_PACK_FORMAT = "signlock-sign-pack"
 INDEX_NAME = "model.safetensors.index.json"

@@ -35,12 +35,12 @@ from ..targets import find_target_modules, tied_head
 from .codecs import make_codec
 from .compressed import link_shared_tables
 from .config import SignLockConfig
-from .flip_coding import decode_flips
-from .guard import GUARD_CHECKSUM_BYTES, GUARD_KEY, check_guards, guard_keys
+from .format.flip_coding import decode_flips
+from .format.guard import GUARD_CHECKSUM_BYTES, GUARD_KEY, check_guards, guard_keys
 from .layers import compressed_like, install
-from .payload import payload_key
-from .records import encoded_size
-from .stored import StoredTensor, check_every_tensor, read_tensor
+from .format.payload import payload_key
+from .format.records import encoded_size
+from .format.stored import StoredTensor, check_every_tensor, read_tensor
 
 _SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.float32: "F32", torch.float16: "F16",
                        torch.bfloat16: "BF16", torch.float64: "F64"}

@@ -21,8 +21,8 @@ from ..errors import CorruptCheckpointError
 from ..signs import pack_signs, reference_signs, seeded_sign_bits
 from .base_signs import base_layer_bits
 from .codecs import make_codec
-from .flip_coding import decode_flips, flip_count
-from .payload import bits_digest, payload_digest, payload_layout
+from .format.flip_coding import decode_flips, flip_count
+from .format.payload import bits_digest, payload_digest, payload_layout
 
 
 class CompressedWeight(nn.Module):

@@ -20,7 +20,7 @@ from ..constants import CHECKSUMMED_FORMAT, EXPORT_FORMAT_VERSION, QUANT_METHOD,
 from ..errors import CorruptCheckpointError, SignLockConfigError
 from ..signs import check_seed
 from .codecs import CODECS, DEFAULT_CODEC, make_codec
-from .records import decode_records, encode_records, targets_checksum
+from .format.records import decode_records, encode_records, targets_checksum
 
 SIGN_SOURCES = ("seed", "template", "packed", "base")
 DTYPES = ("float32", "bfloat16", "float16")

@@ -28,11 +28,11 @@ from .bits import header_entry_bytes, signlock_overhead_bytes
 from .codecs import make_codec
 from .compressed import link_shared_tables
 from .config import SignLockConfig
-from .flip_coding import encode_flips
+from .format.flip_coding import encode_flips
 from .layers import compressed_like, install
 from .linear import layout_of
-from .payload import CHECKSUM_BYTES, bits_digest, payload_digest
-from .records import encoded_size
+from .format.payload import CHECKSUM_BYTES, bits_digest, payload_digest
+from .format.records import encoded_size
 
 logger = logging.get_logger(__name__)
 _HIGH_FLIP_RATE = 0.4  # a larger share of the target weights with packed signs: not trained from this seed

@@ -27,11 +27,11 @@ from ..errors import CorruptCheckpointError, SignLockConfigError, SignLockError
 from ..targets import find_target_modules, tied_head
 from .base_signs import base_named_by_checkpoint, check_base_signs
 from .compressed import link_shared_tables
-from .guard import GUARD_KEY, check_guards, guard_keys, guard_tensors
+from .format.guard import GUARD_KEY, check_guards, guard_keys, guard_tensors
 from .layers import check_payloads, compressed_layers, compressed_like, dequantize_layers, install
-from .payload import payload_key
+from .format.payload import payload_key
 from .quantize import check_budget_is_possible, quantize_model
-from .stored import check_every_tensor, read_stored, read_tensor
+from .format.stored import check_every_tensor, read_stored, read_tensor
 
 
 class SignLockHfQuantizer(HfQuantizer):

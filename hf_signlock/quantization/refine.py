@@ -18,7 +18,7 @@ from transformers.utils import logging
 
 from ..signs import unpack_signs
 from .compressed import CompressedWeight
-from .payload import payload_digest
+from .format.payload import payload_digest
 
 
 def _batches(dataset, batch_size: int, seed: int):

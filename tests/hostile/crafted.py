@@ -22,7 +22,7 @@ from checkpoint_edits import (
     weight_file,
 )
 
-from hf_signlock.quantization.guard import GUARD_KEY
+from hf_signlock.quantization.format.guard import GUARD_KEY
 
 MODES = ("dense", "compressed", "inspect")
 FIRST = "model.layers.0.self_attn.q_proj.weight"

@@ -19,7 +19,7 @@ from crafted import CASES, MODES, build_case
 from test_quantizer import SEED, trained_model
 
 from hf_signlock import SignLockConfig, apply_gap_init, quantize_model
-from hf_signlock.quantization.guard import GUARD_KEY
+from hf_signlock.quantization.format.guard import GUARD_KEY
 
 MEMORY_LIMIT = 6 << 30
 TIME_LIMIT = 420  # seconds for every case, every mode (about a minute on 2 cores)

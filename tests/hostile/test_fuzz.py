@@ -20,8 +20,8 @@ from transformers import AutoModelForCausalLM
 
 from hf_signlock import CorruptCheckpointError, SignLockConfig, SignLockError, quantize_model
 from hf_signlock.quantization.codecs import make_codec
-from hf_signlock.quantization.flip_coding import decode_flips, encode_flips
-from hf_signlock.quantization.records import decode_records
+from hf_signlock.quantization.format.flip_coding import decode_flips, encode_flips
+from hf_signlock.quantization.format.records import decode_records
 
 BUDGET_SECONDS = 2.0  # per fuzz loop: bounded, so the suite's time is too
 NUMEL = 4096

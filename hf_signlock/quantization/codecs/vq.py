@@ -19,7 +19,7 @@ from ...errors import BudgetError, CorruptCheckpointError, SignLockConfigError
 from ...kernels import matmul as kernel_matmul
 from ...kernels import output as kernel_output
 from ...kernels import vq as vq_kernel
-from ..bitpack import pack_uint, packed_bytes, unpack_uint, unpack_uint_at
+from ..format.bitpack import pack_uint, packed_bytes, unpack_uint, unpack_uint_at
 from .base import BF16_BITS, FLOOR, MagnitudeCodec, row_positions
 
 logger = logging.get_logger(__name__)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import CorruptCheckpointError
+from ...errors import CorruptCheckpointError
 
 
 def varint(value: int) -> bytes:

@@ -15,11 +15,14 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+from typing import TYPE_CHECKING
 
-from ..errors import CorruptCheckpointError
-from .codecs import MagnitudeCodec
+from ...errors import CorruptCheckpointError
 from .payload import CHECKSUM_BYTES
 from .varint import ByteReader, varint
+
+if TYPE_CHECKING:  # a codec is passed in; the format does not depend on the codecs
+    from ..codecs import MagnitudeCodec
 
 _CONTEXT = "the SignLock layer records in config.json"
 

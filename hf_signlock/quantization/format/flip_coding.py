@@ -22,8 +22,8 @@ import zlib
 
 import numpy as np
 
-from ..constants import FLIP_CODE_VERSION
-from ..errors import CorruptCheckpointError
+from ...constants import FLIP_CODE_VERSION
+from ...errors import CorruptCheckpointError
 from .varint import ByteReader, varint
 
 # The stored bits beyond the gaps' Golomb code: version byte, four varints (5 bytes each below 2**35 weights),

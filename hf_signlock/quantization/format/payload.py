@@ -15,7 +15,7 @@ import math
 import torch
 import xxhash
 
-from ..constants import PAYLOAD_AS_WEIGHT_FORMAT
+from ...constants import PAYLOAD_AS_WEIGHT_FORMAT
 
 CHECKSUM_BYTES = 8
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ..constants import PAYLOAD_AS_WEIGHT_FORMAT
-from ..errors import CorruptCheckpointError
+from ...constants import PAYLOAD_AS_WEIGHT_FORMAT
+from ...errors import CorruptCheckpointError
 
 GUARD_KEY = "hf_signlock_checkpoint.LOAD_NEEDS__pip_install_hf-signlock__and__import_hf_signlock"
 GUARD_CHECKSUM_BYTES = 8  # the config checksum, an XXH3-64 digest

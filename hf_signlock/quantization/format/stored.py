@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..errors import CorruptCheckpointError
+from ...errors import CorruptCheckpointError
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 _DTYPE_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
