@@ -211,6 +211,41 @@ def specs(only: str | None) -> list[dict]:
     return rows
 
 
+def llama_cpp_rows(source: Path, deps: str | None, repeats: int) -> list[dict]:
+    """llama-bench of SmolLM2 in GGUF (f16 and three k-quants), 2 threads, pp512 and tg128; a failed build or
+    conversion is one row with its error."""
+    import llama_cpp_tools as llama_cpp
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from get_smollm2 import smollm2_folder
+
+    work = WORK / "llama.cpp"
+    try:
+        log("llama.cpp: building llama-bench and llama-quantize (once, about 15 minutes on 2 cores)")
+        binaries = llama_cpp.build(source, work / "build")
+        f16 = llama_cpp.convert(source, smollm2_folder(), work / "smollm2-135m-f16.gguf",
+                                Path(deps) if deps else None)
+        files = {"f16": f16, **{kind: llama_cpp.quantize(binaries, f16, kind) for kind in ("Q4_K_M", "Q3_K_M",
+                                                                                         "Q2_K")}}
+    except (subprocess.CalledProcessError, OSError) as error:
+        detail = getattr(error, "stderr", b"") or b""
+        message = (detail.decode(errors="replace") if isinstance(detail, bytes) else detail).strip()
+        return [{"name": "llama.cpp", "family": "smollm2", "folder": None, "load": "llama.cpp",
+                 "error": f"llama.cpp did not build or convert here: {(message or str(error))[-300:]}"}]
+    rows = []
+    for kind, path in files.items():
+        log(f"llama-bench {path.name}")
+        result = llama_cpp.bench(binaries, path, THREADS, 512, NEW_TOKENS, max(repeats, 3))
+        rows.append({"name": f"SmolLM2-135M llama.cpp GGUF {kind}", "family": "smollm2", "folder": str(path),
+                     "load": "llama.cpp", "modules": "llama-bench", "file_bytes": result["file_bytes"],
+                     "prefill_tokens": 512,
+                     **{f"{key}_tokens_per_s": {"median": value["tokens_per_s"],
+                                                "min": value["tokens_per_s"] - value["stddev"],
+                                                "max": value["tokens_per_s"] + value["stddev"], "runs": []}
+                        for key, value in (("generate", result["generate"]), ("prefill", result["prefill"]))}})
+    return rows
+
+
 def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
@@ -220,6 +255,10 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", choices=["smollm2", "quickstart"])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--llama-cpp-src", help="llama.cpp's sources (vendor/llama.cpp of the llama-cpp-python "
+                        "sdist): adds llama-bench rows of SmolLM2 in GGUF f16, Q4_K_M, Q3_K_M, Q2_K "
+                        "(see llama_cpp_tools.py)")
+    parser.add_argument("--llama-cpp-deps", help="a --target folder holding sentencepiece, for the converter")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -228,7 +267,7 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     rows = specs(args.only)
     for row in rows:
-        if row["folder"]:
+        if row["folder"] and "file_bytes" not in row:
             row["file_bytes"] = file_bytes(Path(row["folder"]))
     for round_index in range(args.repeats):
         for row in rows:
@@ -241,6 +280,8 @@ def main(argv=None) -> None:
                 continue
             for key, value in result.items():
                 row.setdefault("measured", {}).setdefault(key, []).append(value)
+    if args.llama_cpp_src and args.only != "quickstart":
+        rows += llama_cpp_rows(Path(args.llama_cpp_src), args.llama_cpp_deps, args.repeats)
     for row in rows:
         measured = row.pop("measured", {})
         for key in ("generate_tokens_per_s", "prefill_tokens_per_s", "load_s"):
@@ -251,7 +292,7 @@ def main(argv=None) -> None:
                 row[key] = measured[key][0] if key != "resident_mib" else statistics.median(measured[key])
         if not row["folder"]:
             row["error"] = "model missing (see the docstring for how to make it)"
-        elif "generate_tokens_per_s" not in row and "error" not in row:
+        elif "generate_tokens_per_s" not in row and "error" not in row and row["load"] != "llama.cpp":
             row["error"] = "not measured (--repeats 0)"
     for family in ("smollm2", "quickstart"):
         base = next((r for r in rows if r["family"] == family and r.get("baseline") and "generate_tokens_per_s"
@@ -262,7 +303,8 @@ def main(argv=None) -> None:
                                                 / base["generate_tokens_per_s"]["median"])
                 row["prefill_x_dense_bf16"] = (row["prefill_tokens_per_s"]["median"]
                                                / base["prefill_tokens_per_s"]["median"])
-                row["weight_memory_x_dense_bf16"] = row["weight_bytes"] / base["weight_bytes"]
+                if "weight_bytes" in row:
+                    row["weight_memory_x_dense_bf16"] = row["weight_bytes"] / base["weight_bytes"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"threads": THREADS, "repeats": args.repeats, "prompt": PROMPT, "new_tokens": NEW_TOKENS,
@@ -291,8 +333,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"| {row['name']} | {row['modules']} | {row['file_bytes'] / 1e6:.1f} | {gen['median']:.1f} "
             f"[{gen['min']:.1f}-{gen['max']:.1f}] | {row.get('generate_x_dense_bf16', float('nan')):.2f} | "
             f"{pre['median']:.0f} [{pre['min']:.0f}-{pre['max']:.0f}] | {row.get('prefill_x_dense_bf16', float('nan')):.2f}"
-            f" | {row['weight_bytes'] / 1e6:.1f} | {row.get('weight_memory_x_dense_bf16', float('nan')):.3f} | "
-            f"{row['resident_mib']:.0f} | {row.get('perplexity', float('nan')):.2f} |")
+            f" | {row.get('weight_bytes', float('nan')) / 1e6:.1f} | "
+            f"{row.get('weight_memory_x_dense_bf16', float('nan')):.3f} | {row.get('resident_mib', float('nan')):.0f} | "
+            f"{row.get('perplexity', float('nan')):.2f} |")
     lines += ["", f"Machine: {meta['machine']}; whole run {meta['seconds']} s. `python bench/bench_decode.py`.", ""]
     return "\n".join(lines)
 
@@ -307,7 +350,8 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, family in zip(axes, ("smollm2", "quickstart")):
         for row in [r for r in rows if r["family"] == family and "generate_tokens_per_s" in r]:
             gen = row["generate_tokens_per_s"]
-            marker = "*" if row.get("compile") else {"compressed": "o", "dequantized": "s", "dense": "^"}[row["load"]]
+            marker = "*" if row.get("compile") else {"compressed": "o", "dequantized": "s", "dense": "^",
+                                                      "llama.cpp": "x"}[row["load"]]
             ax.errorbar(row["file_bytes"] / 1e6, gen["median"], yerr=[[gen["median"] - gen["min"]],
                         [gen["max"] - gen["median"]]], fmt=marker, capsize=3, label=row["name"])
         ax.set_xscale("log")
