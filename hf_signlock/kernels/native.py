@@ -40,9 +40,7 @@ BASE_FLAGS = ("-O3", "-std=c11", "-shared", "-fPIC", "-fopenmp", "-fno-strict-al
 
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 SIGNATURES = {  # name -> argument types (all return void unless listed in RETURNS)
-    "sl_signmag_matmul": [_ptr, _i64, _i64, _i64, _ptr, _i64, _int, _i64, _ptr, _ptr, _ptr, _ptr, _int],
     "sl_signmag_decode_rows": [_i64, _i64, _i64, _ptr, _i64, _int, _i64, _ptr, _ptr, _ptr, _ptr, _int],
-    "sl_vq_matmul": [_ptr, _i64, _i64, _i64, _ptr, _i64, _int, _i64, _ptr, _ptr, _ptr, _ptr, _int],
     "sl_vq_decode_rows": [_i64, _i64, _i64, _ptr, _i64, _int, _i64, _ptr, _ptr, _ptr, _ptr, _int],
     "sl_matmul": [_int, _ptr, _int, _i64, _i64, _i64, _ptr, _i64, _int, _i64, _ptr, _ptr, _ptr, _ptr, _int, _int],
     "sl_simd": [],

@@ -204,35 +204,30 @@ static inline int row_has_slack(int64_t r, int64_t cols, int width, int64_t code
 }
 #endif
 
-/* y[b, r] = sum_c x[b, c] W[r, c] for b < batch; x: batch x cols float32, y: batch x rows float32. */
-void sl_signmag_matmul(const float *x, int64_t batch, int64_t rows, int64_t cols, const uint8_t *codes,
-                       int64_t codes_len, int width, int64_t group, const float *levels, const uint16_t *scales,
-                       const uint8_t *signs, float *y, int threads) {
+/* y[b, r] = sum_c x[b, c] W[r, c] for b < block <= SL_MAX_BATCH; x: block x cols, y: block x rows, float32. */
+static void signmag_block(const float *x, int64_t block, int64_t rows, int64_t cols, const uint8_t *codes,
+                          int64_t codes_len, int width, int64_t group, const float *levels, const uint16_t *scales,
+                          const uint8_t *signs, float *y, int threads) {
     int64_t ngroups = (cols + group - 1) / group;
 #if SL_SIMD
     int fast = width <= 4 && cols % 8 == 0 && group % 8 == 0;
     Lanes lanes = lanes_for(width <= 4 ? width : 1, levels);
 #endif
-    for (int64_t b0 = 0; b0 < batch; b0 += SL_MAX_BATCH) {
-        int64_t block = batch - b0 < SL_MAX_BATCH ? batch - b0 : SL_MAX_BATCH;
-        const float *xb = x + b0 * cols;
-        float *yb = y + b0 * rows;
 #pragma omp parallel for schedule(static) num_threads(threads_for(rows * cols * block, threads))
-        for (int64_t r = 0; r < rows; r++) {
+    for (int64_t r = 0; r < rows; r++) {
 #if SL_SIMD
-            if (fast && row_has_slack(r, cols, width, codes_len)) {
-                switch (block) {
-                case 1: signmag_row_simd(1, &lanes, xb, r, cols, codes, group, scales, ngroups, signs, yb, rows); break;
-                case 2: signmag_row_simd(2, &lanes, xb, r, cols, codes, group, scales, ngroups, signs, yb, rows); break;
-                case 3: signmag_row_simd(3, &lanes, xb, r, cols, codes, group, scales, ngroups, signs, yb, rows); break;
-                default: signmag_row_simd(4, &lanes, xb, r, cols, codes, group, scales, ngroups, signs, yb, rows);
-                }
-                continue;
+        if (fast && row_has_slack(r, cols, width, codes_len)) {
+            switch (block) {
+            case 1: signmag_row_simd(1, &lanes, x, r, cols, codes, group, scales, ngroups, signs, y, rows); break;
+            case 2: signmag_row_simd(2, &lanes, x, r, cols, codes, group, scales, ngroups, signs, y, rows); break;
+            case 3: signmag_row_simd(3, &lanes, x, r, cols, codes, group, scales, ngroups, signs, y, rows); break;
+            default: signmag_row_simd(4, &lanes, x, r, cols, codes, group, scales, ngroups, signs, y, rows);
             }
-#endif
-            signmag_rows_portable(xb, block, r, cols, codes, codes_len, width, group, levels, scales, ngroups,
-                                  signs, yb, rows);
+            continue;
         }
+#endif
+        signmag_rows_portable(x, block, r, cols, codes, codes_len, width, group, levels, scales, ngroups, signs, y,
+                              rows);
     }
 }
 
@@ -278,29 +273,25 @@ void sl_signmag_decode_rows(int64_t first, int64_t count, int64_t cols, const ui
 
 /* --- vq --------------------------------------------------------------------------------------------------------- */
 
-void sl_vq_matmul(const float *x, int64_t batch, int64_t rows, int64_t cols, const uint8_t *codes, int64_t codes_len,
-                  int width, int64_t group, const float *codebook, const float *row_scale, const uint8_t *signs,
-                  float *y, int threads) {
-    for (int64_t b0 = 0; b0 < batch; b0 += SL_MAX_BATCH) {
-        int64_t block = batch - b0 < SL_MAX_BATCH ? batch - b0 : SL_MAX_BATCH;
-        const float *xb = x + b0 * cols;
-        float *yb = y + b0 * rows;
+/* As signmag_block, for vq. */
+static void vq_block(const float *x, int64_t block, int64_t rows, int64_t cols, const uint8_t *codes,
+                     int64_t codes_len, int width, int64_t group, const float *codebook, const float *row_scale,
+                     const uint8_t *signs, float *y, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads_for(rows * cols * block, threads))
-        for (int64_t r = 0; r < rows; r++) {
-            float total[SL_MAX_BATCH] = {0};
-            int64_t first = r * cols, c = 0;
-            while (c < cols) {
-                int64_t k = first + c, j = k / group, p = k - j * group;
-                int64_t n = group - p < cols - c ? group - p : cols - c;
-                const float *word = codebook + (int64_t)code_at(codes, codes_len, j * width, width) * group + p;
-                for (int64_t q = 0; q < n; q++) {
-                    float w = sign_at(signs, k + q) * word[q];
-                    for (int64_t b = 0; b < block; b++) total[b] += w * xb[b * cols + c + q];
-                }
-                c += n;
+    for (int64_t r = 0; r < rows; r++) {
+        float total[SL_MAX_BATCH] = {0};
+        int64_t first = r * cols, c = 0;
+        while (c < cols) {
+            int64_t k = first + c, j = k / group, p = k - j * group;
+            int64_t n = group - p < cols - c ? group - p : cols - c;
+            const float *word = codebook + (int64_t)code_at(codes, codes_len, j * width, width) * group + p;
+            for (int64_t q = 0; q < n; q++) {
+                float w = sign_at(signs, k + q) * word[q];
+                for (int64_t b = 0; b < block; b++) total[b] += w * x[b * cols + c + q];
             }
-            for (int64_t b = 0; b < block; b++) yb[b * rows + r] = total[b] * row_scale[r];
+            c += n;
         }
+        for (int64_t b = 0; b < block; b++) y[b * rows + r] = total[b] * row_scale[r];
     }
 }
 
@@ -354,12 +345,15 @@ int sl_matmul(int kind, const void *x, int x_dtype, int64_t batch, int64_t rows,
             return -1;
         }
     }
-    if (kind == 0)
-        sl_signmag_matmul(xf, batch, rows, cols, codes, codes_len, width, group, table, (const uint16_t *)scales,
-                          signs, yf, threads);
-    else
-        sl_vq_matmul(xf, batch, rows, cols, codes, codes_len, width, group, table, (const float *)scales, signs, yf,
-                     threads);
+    for (int64_t b0 = 0; b0 < batch; b0 += SL_MAX_BATCH) {  /* each weight decoded once per block of x's rows */
+        int64_t block = batch - b0 < SL_MAX_BATCH ? batch - b0 : SL_MAX_BATCH;
+        if (kind == 0)
+            signmag_block(xf + b0 * cols, block, rows, cols, codes, codes_len, width, group, table,
+                          (const uint16_t *)scales, signs, yf + b0 * rows, threads);
+        else
+            vq_block(xf + b0 * cols, block, rows, cols, codes, codes_len, width, group, table, (const float *)scales,
+                     signs, yf + b0 * rows, threads);
+    }
     if (y_dtype == 1) {
         for (int64_t i = 0; i < batch * rows; i++) ((uint16_t *)y)[i] = float_to_bf16(yf[i]);
         free(yf);
