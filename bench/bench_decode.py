@@ -90,8 +90,9 @@ def worker(spec: dict) -> dict:
     logging.disable_progress_bar()
     native.library()  # built and loaded before the memory baseline
     kwargs = {"dtype": getattr(torch, spec["dtype"])} if spec.get("dtype") else {}
-    if spec["load"] == "dequantized":
-        kwargs["quantization_config"] = hf_signlock.SignLockConfig(dequantize=True)
+    if spec["load"] in ("compressed", "dequantized"):  # the default (compressed), or dense modules; the base named
+        kwargs["quantization_config"] = hf_signlock.SignLockConfig(
+            dequantize=True if spec["load"] == "dequantized" else None, base_model=spec.get("base_model"))
     before = resident_mib()
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(spec["folder"], **kwargs).eval()
@@ -184,7 +185,7 @@ def specs(only: str | None) -> list[dict]:
                   "dtype": "bfloat16", "baseline": True, **text}]
         exports = [("fine-tune vs base, 2.3 bpw", ensure_export(WORK / "smollm2-ft-base-2.3", RUNS / "smollm2-ft",
                                                                 bits_per_weight=2.3, sign_source="base"),
-                    {"text_source": str(RUNS / "smollm2-ft")}),
+                    {"text_source": str(RUNS / "smollm2-ft"), "base_model": str(smollm2)}),
                    ("3.25 bpw", ensure_export(WORK / "smollm2-3.25", smollm2, bits_per_weight=3.25), {}),
                    ("4.25 bpw", ensure_export(WORK / "smollm2-4.25", smollm2, bits_per_weight=4.25), {})]
         for label, folder, extra in exports:

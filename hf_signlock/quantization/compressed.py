@@ -173,7 +173,7 @@ class CompressedWeight(nn.Module):
     def kernel_operands(self):
         """What the compressed-domain kernels read of this layer (``kernels.matmul.Operands``), or None where they do
         not apply: another device than the CPU, a codec without kernels, GPT-2's transposed layout, refinement."""
-        if torch.compiler.is_compiling():  # prepared before tracing (``prepare_kernels``); no cache logic traced
+        if torch.compiler.is_compiling():  # prepared at load or by an eager forward: no cache logic is traced
             return self._operands[1]
         if (self.payload.device.type != "cpu" or self.pinned_signs is not None or self.trainable_tables
                 or self.layout == "conv1d"):

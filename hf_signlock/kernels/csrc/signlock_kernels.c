@@ -81,7 +81,7 @@ static inline float sign_at(const uint8_t *signs, int64_t k) {
 }
 
 static int threads_for(int64_t work, int threads) {
-    if (work < (1 << 15)) return 1;  /* a small layer: the fork costs more than it saves */
+    if (work < (1 << 16)) return 1;  /* a small layer: waking a second thread costs more than it saves */
     return threads < 1 ? 1 : threads;
 }
 
@@ -273,25 +273,76 @@ void sl_signmag_decode_rows(int64_t first, int64_t count, int64_t cols, const ui
 
 /* --- vq --------------------------------------------------------------------------------------------------------- */
 
+#if SL_SIMD
+/* 16 sign bits starting at bit k (any k), from a buffer of `length` bytes. */
+static inline uint32_t sign_bits_at(const uint8_t *signs, int64_t length, int64_t k) {
+    int64_t byte = k >> 3;
+    uint32_t word = 0;
+    if (byte + 4 <= length) {
+        memcpy(&word, signs + byte, 4);
+    } else {
+        for (int64_t i = byte; i < length; i++) word |= (uint32_t)signs[i] << (8 * (i - byte));
+    }
+    return word >> (k & 7);
+}
+#endif
+
+/* Row r of vq for B rows of x (B a constant in each caller: the accumulators stay in registers). The row is walked
+ * codeword by codeword (the group index counted, not divided per weight); with SIMD, up to 16 weights of a codeword
+ * a step: a masked load of the codeword's values and of x (masked lanes are never read), the signs as a lane mask,
+ * one FMA per row of x. */
+static inline __attribute__((always_inline)) void vq_row(
+    const int B, const float *x, int64_t r, int64_t rows, int64_t cols, const uint8_t *codes, int64_t codes_len,
+    int width, int64_t group, const float *codebook, const float *row_scale, const uint8_t *signs, float *y) {
+    int64_t first = r * cols, j = first / group, p = first - j * group, c = 0;
+#if SL_SIMD
+    int64_t signs_len = (rows * cols + 7) >> 3;
+    __m512 acc[SL_MAX_BATCH];
+    for (int b = 0; b < B; b++) acc[b] = _mm512_setzero_ps();
+#else
+    float total[SL_MAX_BATCH] = {0};
+#endif
+    while (c < cols) {
+        int64_t take = group - p < cols - c ? group - p : cols - c;
+        const float *word = codebook + (int64_t)code_at(codes, codes_len, j * width, width) * group + p;
+#if SL_SIMD
+        for (int64_t i = 0; i < take; i += 16) {
+            int64_t n = take - i < 16 ? take - i : 16;
+            __mmask16 lanes = (__mmask16)((1u << n) - 1);
+            __m512 w = _mm512_maskz_loadu_ps(lanes, word + i);
+            __mmask16 negative = (__mmask16)(~sign_bits_at(signs, signs_len, first + c + i)) & lanes;
+            w = _mm512_mask_sub_ps(w, negative, _mm512_setzero_ps(), w);
+            for (int b = 0; b < B; b++)
+                acc[b] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lanes, x + b * cols + c + i), acc[b]);
+        }
+#else
+        for (int64_t q = 0; q < take; q++) {
+            float w = sign_at(signs, first + c + q) * word[q];
+            for (int b = 0; b < B; b++) total[b] += w * x[b * cols + c + q];
+        }
+#endif
+        c += take, j += 1, p = 0;
+    }
+    for (int b = 0; b < B; b++)
+#if SL_SIMD
+        y[b * rows + r] = _mm512_reduce_add_ps(acc[b]) * row_scale[r];
+#else
+        y[b * rows + r] = total[b] * row_scale[r];
+#endif
+}
+
 /* As signmag_block, for vq. */
 static void vq_block(const float *x, int64_t block, int64_t rows, int64_t cols, const uint8_t *codes,
                      int64_t codes_len, int width, int64_t group, const float *codebook, const float *row_scale,
                      const uint8_t *signs, float *y, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads_for(rows * cols * block, threads))
     for (int64_t r = 0; r < rows; r++) {
-        float total[SL_MAX_BATCH] = {0};
-        int64_t first = r * cols, c = 0;
-        while (c < cols) {
-            int64_t k = first + c, j = k / group, p = k - j * group;
-            int64_t n = group - p < cols - c ? group - p : cols - c;
-            const float *word = codebook + (int64_t)code_at(codes, codes_len, j * width, width) * group + p;
-            for (int64_t q = 0; q < n; q++) {
-                float w = sign_at(signs, k + q) * word[q];
-                for (int64_t b = 0; b < block; b++) total[b] += w * x[b * cols + c + q];
-            }
-            c += n;
+        switch (block) {
+        case 1: vq_row(1, x, r, rows, cols, codes, codes_len, width, group, codebook, row_scale, signs, y); break;
+        case 2: vq_row(2, x, r, rows, cols, codes, codes_len, width, group, codebook, row_scale, signs, y); break;
+        case 3: vq_row(3, x, r, rows, cols, codes, codes_len, width, group, codebook, row_scale, signs, y); break;
+        default: vq_row(4, x, r, rows, cols, codes, codes_len, width, group, codebook, row_scale, signs, y);
         }
-        for (int64_t b = 0; b < block; b++) y[b * rows + r] = total[b] * row_scale[r];
     }
 }
 
