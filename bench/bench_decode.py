@@ -165,12 +165,6 @@ def ensure_export(out: Path, source: Path, **kwargs) -> Path | None:
     return out
 
 
-def file_bytes(folder: Path) -> int:
-    names = ("config.json", "generation_config.json", "model.safetensors.index.json")
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors")) + sum(
-        (folder / n).stat().st_size for n in names if (folder / n).exists())
-
-
 def specs(only: str | None) -> list[dict]:
     sys.path.insert(0, str(ROOT / "scripts"))
     from get_smollm2 import smollm2_folder
@@ -265,11 +259,13 @@ def main(argv=None) -> None:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
+    from bench_real_model import checkpoint_bytes  # weight files, config, generation config: what a user downloads
+
     started = time.perf_counter()
     rows = specs(args.only)
     for row in rows:
         if row["folder"] and "file_bytes" not in row:
-            row["file_bytes"] = file_bytes(Path(row["folder"]))
+            row["file_bytes"] = checkpoint_bytes(Path(row["folder"]))
     for round_index in range(args.repeats):
         for row in rows:
             if not row["folder"] or "error" in row or (row.get("once") and round_index):

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..quantization.format.bitpack import unpack_uint_at
 from . import native
 
 SIGNMAG, VQ = 0, 1
@@ -49,14 +50,6 @@ class Operands(NamedTuple):
     cols: int
 
 
-def _pointer(tensor: torch.Tensor) -> int:
-    return tensor.data_ptr()
-
-
-def _threads() -> int:
-    return native.threads()
-
-
 def _kernel(lib, kind: int, name: str):  # sl_signmag_<name> / sl_vq_<name>
     return getattr(lib, f"sl_{'signmag' if kind == SIGNMAG else 'vq'}_{name}")
 
@@ -69,9 +62,9 @@ def small_batch(x: torch.Tensor, ops: Operands, lib) -> torch.Tensor:
     kernel."""
     dtype = _DTYPE_CODES[x.dtype]
     y = torch.empty(x.shape[0], ops.rows, dtype=x.dtype)
-    if lib.sl_matmul(ops.kind, _pointer(x), dtype, x.shape[0], ops.rows, ops.cols, _pointer(ops.codes),
-                     ops.codes.numel(), ops.width, ops.group, _pointer(ops.table), _pointer(ops.scales),
-                     _pointer(ops.signs), _pointer(y), dtype, _threads()):
+    if lib.sl_matmul(ops.kind, x.data_ptr(), dtype, x.shape[0], ops.rows, ops.cols, ops.codes.data_ptr(),
+                     ops.codes.numel(), ops.width, ops.group, ops.table.data_ptr(), ops.scales.data_ptr(),
+                     ops.signs.data_ptr(), y.data_ptr(), dtype, native.threads()):
         raise MemoryError(f"the kernels could not allocate {x.shape[0]} x {max(ops.rows, ops.cols)} floats")
     return y
 
@@ -83,9 +76,9 @@ def decode_rows(ops: Operands, first: int, count: int, lib, out: torch.Tensor | 
     if lib is None:
         out.copy_(reference_rows(ops, first, count))
         return out
-    _kernel(lib, ops.kind, "decode_rows")(first, count, ops.cols, _pointer(ops.codes), ops.codes.numel(), ops.width,
-                                          ops.group, _pointer(ops.table), _pointer(ops.scales), _pointer(ops.signs),
-                                          _pointer(out), _threads())
+    _kernel(lib, ops.kind, "decode_rows")(first, count, ops.cols, ops.codes.data_ptr(), ops.codes.numel(),
+                                          ops.width, ops.group, ops.table.data_ptr(), ops.scales.data_ptr(),
+                                          ops.signs.data_ptr(), out.data_ptr(), native.threads())
     return out
 
 
@@ -142,21 +135,14 @@ def reference_rows(ops: Operands, first: int, count: int) -> torch.Tensor:
     positions = torch.arange(first * ops.cols, (first + count) * ops.cols, dtype=torch.int64)
     signs = ((ops.signs[positions >> 3] >> (positions & 7).to(torch.uint8)) & 1).float() * 2 - 1
     if ops.kind == SIGNMAG:
-        codes = _codes_at(ops.codes, ops.width, positions)
+        codes = unpack_uint_at(ops.codes, ops.width, positions)
         columns = positions % ops.cols
         scale = ops.scales.float()[positions // ops.cols, columns // ops.group]
         magnitude = ops.table[codes] * scale
     else:
-        codes = _codes_at(ops.codes, ops.width, positions // ops.group)
+        codes = unpack_uint_at(ops.codes, ops.width, positions // ops.group)
         magnitude = ops.table[codes, positions % ops.group] * ops.scales[positions // ops.cols]
     return (signs * magnitude.clamp_min(1e-12)).view(count, ops.cols)
-
-
-def _codes_at(codes: torch.Tensor, width: int, index: torch.Tensor) -> torch.Tensor:
-    offset = index * width
-    padded = torch.cat([codes, codes.new_zeros(1)]).long()
-    pair = padded[offset >> 3] | (padded[(offset >> 3) + 1] << 8)
-    return (pair >> (offset & 7)) & ((1 << width) - 1)
 
 
 def check_codes_in_table(ops: Operands) -> None:

@@ -151,11 +151,17 @@ static inline __m512 sixteen(const Lanes *l, const uint8_t *code, const uint8_t 
     return _mm512_mask_sub_ps(negated, _load_mask16((__mmask16 *)sign), _mm512_setzero_ps(), negated);
 }
 
-static inline __m256 eight(const Lanes *l, const uint8_t *code, const uint8_t *sign) {
+/* The negated levels of 8 weights (their codes at ``code``). */
+static inline __m256 negated_eight(const Lanes *l, const uint8_t *code) {
     __m256i index = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(*(const int32_t *)code), l->shifts8),
                                      l->mask8);
-    __m256 negated = l->width == 4 ? _mm256_permutex2var_ps(l->negated_low, index, l->negated_high)
-                                   : _mm256_permutevar8x32_ps(l->negated_low, index);
+    return l->width == 4 ? _mm256_permutex2var_ps(l->negated_low, index, l->negated_high)
+                         : _mm256_permutevar8x32_ps(l->negated_low, index);
+}
+
+/* The signed levels of 8 weights: lanes whose sign bit is 1 (+1) negated back. */
+static inline __m256 eight(const Lanes *l, const uint8_t *code, const uint8_t *sign) {
+    __m256 negated = negated_eight(l, code);
     return _mm256_mask_sub_ps(negated, (__mmask8)*sign, _mm256_setzero_ps(), negated);
 }
 
@@ -248,13 +254,14 @@ void sl_signmag_decode_rows(int64_t first, int64_t count, int64_t cols, const ui
 #if SL_SIMD
         if (fast && row_has_slack(r, cols, width, codes_len)) {  /* the same float32 product, floor and sign */
             const uint8_t *code = codes + ((r * cols * width) >> 3), *sign = signs + ((r * cols) >> 3);
-            for (int64_t c = 0; c < cols; c += 8, code += width, sign += 1) {
-                __m256 signed_level = eight(&lanes, code, sign);  /* +-level, exact */
-                __m256 level = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), signed_level);
-                __m256 magnitude = _mm256_max_ps(_mm256_mul_ps(level, _mm256_set1_ps(
-                    _cvtsh_ss(scales[r * ngroups + c / group]))), floor);
-                /* the sign: that of signed_level, whose magnitude may be 0 (the zero level): taken from the bits */
-                _mm256_storeu_ps(out + i * cols + c, _mm256_mask_sub_ps(magnitude, (__mmask8)~*sign, zero, magnitude));
+            for (int64_t g = 0, c = 0; g < ngroups; g++) {
+                __m256 scale = _mm256_set1_ps(_cvtsh_ss(scales[r * ngroups + g]));
+                for (int64_t stop = c + group < cols ? c + group : cols; c < stop; c += 8, code += width, sign += 1) {
+                    __m256 level = _mm256_sub_ps(zero, negated_eight(&lanes, code));
+                    __m256 magnitude = _mm256_max_ps(_mm256_mul_ps(level, scale), floor);
+                    _mm256_storeu_ps(out + i * cols + c, _mm256_mask_sub_ps(magnitude, (__mmask8)~*sign, zero,
+                                                                            magnitude));
+                }
             }
             continue;
         }
