@@ -3,6 +3,7 @@ batch, dtype, layout and sign source; the pure-torch fallback equal to them; the
 fallback (no compiler, a CPU without the instructions, a thread count of 0) warn and never crash; a code past its
 table is a typed error at load."""
 
+import dataclasses
 import math
 import warnings
 
@@ -68,6 +69,10 @@ requires_kernels = pytest.mark.skipif(native.library() is None, reason="the comp
 @example(kind=matmul.SIGNMAG, rows=5, cols=96, width=4, group=32, batch=5, seed=3)   # the 16-entry table
 @example(kind=matmul.SIGNMAG, rows=3, cols=48, width=1, group=16, batch=2, seed=4)
 @example(kind=matmul.VQ, rows=7, cols=128, width=4, group=6, batch=1, seed=5)        # groups across rows
+@example(kind=matmul.VQ, rows=70, cols=128, width=4, group=11, batch=6, seed=6)      # chunks of 32 rows, 3 of them
+@example(kind=matmul.VQ, rows=33, cols=128, width=8, group=21, batch=1, seed=7)      # the quickstart's 1-bpp head
+@example(kind=matmul.VQ, rows=3, cols=4100, width=4, group=64, batch=2, seed=8)      # a row wider than a chunk
+@example(kind=matmul.VQ, rows=5, cols=40, width=3, group=65, batch=1, seed=9)        # past the SIMD copy's width
 @example(kind=matmul.SIGNMAG, rows=1, cols=1, width=1, group=1, batch=1, seed=3)     # every weight at the floor
 def test_kernels_equal_decode_then_matmul(kind, rows, cols, width, group, batch, seed):
     ops = random_operands(kind, rows, cols, width, group, seed)
@@ -99,7 +104,7 @@ def test_torch_fallback_gives_the_same_numbers(monkeypatch):
 
 def test_a_vq_code_past_a_shared_codebook_is_refused():
     ops = random_operands(matmul.VQ, 4, 16, 4, 8, 0)
-    small = ops._replace(table=ops.table[:3])  # a codebook of 3 words for 4-bit codes
+    small = dataclasses.replace(ops, table=ops.table[:3])  # a codebook of 3 words for 4-bit codes
     with pytest.raises(ValueError, match="past the codebook"):
         matmul.check_codes_in_table(small)
     matmul.check_codes_in_table(ops)

@@ -18,7 +18,8 @@ that ``torch.compile`` traces a model through it as one opaque node instead of b
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import ctypes
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,7 +32,8 @@ SMALL_BATCH = 16  # rows of x up to which the matrix-vector kernel beats decodin
 TILE_BYTES = 1 << 19  # float32 bytes of one decoded tile of W
 
 
-class Operands(NamedTuple):
+@dataclass(eq=False, slots=True)
+class Operands:
     """One layer's stored weight as the kernels read it (``W`` is ``rows x cols``, ``y = x W^T``).
 
     ``table``: the levels (signmag, ``2**width`` float32) or the codebook (vq, ``K x group`` float32); ``scales``:
@@ -48,24 +50,33 @@ class Operands(NamedTuple):
     group: int
     rows: int
     cols: int
+    _native: native.Layer | None = field(default=None, init=False, repr=False)
+    _native_address: int = field(default=0, init=False, repr=False)
 
-
-def _kernel(lib, kind: int, name: str):  # sl_signmag_<name> / sl_vq_<name>
-    return getattr(lib, f"sl_{'signmag' if kind == SIGNMAG else 'vq'}_{name}")
+    def address(self) -> int:
+        """The address of this layer's ``native.Layer`` (built on first use; it points into these tensors, which
+        this object keeps alive)."""
+        if self._native is None:
+            self._native = native.Layer(self.kind, self.rows, self.cols, self.codes.numel(), self.width, self.group,
+                                        self.codes.data_ptr(), self.table.data_ptr(), self.scales.data_ptr(),
+                                        self.signs.data_ptr())
+            self._native_address = ctypes.addressof(self._native)
+        return self._native_address
 
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # what the kernels read and write directly
 
 
 def small_batch(x: torch.Tensor, ops: Operands, lib) -> torch.Tensor:
-    """``x W^T`` (``x``: n x cols, float32 or bfloat16, contiguous; the result in its dtype) by the matrix-vector
-    kernel."""
-    dtype = _DTYPE_CODES[x.dtype]
-    y = torch.empty(x.shape[0], ops.rows, dtype=x.dtype)
-    if lib.sl_matmul(ops.kind, x.data_ptr(), dtype, x.shape[0], ops.rows, ops.cols, ops.codes.data_ptr(),
-                     ops.codes.numel(), ops.width, ops.group, ops.table.data_ptr(), ops.scales.data_ptr(),
-                     ops.signs.data_ptr(), y.data_ptr(), dtype, native.threads()):
-        raise MemoryError(f"the kernels could not allocate {x.shape[0]} x {max(ops.rows, ops.cols)} floats")
+    """``x W^T`` (``x``: ``[..., cols]``, float32 or bfloat16, contiguous; the result in its dtype) by the
+    matrix-vector kernel. Generation's path, once per layer and token: kept to the product's own work (one output
+    allocation, one call), as every microsecond here is paid about 200 times a token by a small model."""
+    y = x.new_empty((*x.shape[:-1], ops.rows))  # new_empty: a microsecond less than torch.empty
+    address = ops._native_address or ops.address()
+    if lib.sl_matmul(address, x.data_ptr(), x.numel() // ops.cols, y.data_ptr(), _DTYPE_CODES[x.dtype],
+                     native._threads_override or torch.get_num_threads()):
+        raise MemoryError(f"the kernels could not allocate {x.numel() // ops.cols} x {max(ops.rows, ops.cols)} "
+                          "floats")
     return y
 
 
@@ -75,10 +86,8 @@ def decode_rows(ops: Operands, first: int, count: int, lib, out: torch.Tensor | 
         out = torch.empty(count, ops.cols, dtype=torch.float32)
     if lib is None:
         out.copy_(reference_rows(ops, first, count))
-        return out
-    _kernel(lib, ops.kind, "decode_rows")(first, count, ops.cols, ops.codes.data_ptr(), ops.codes.numel(),
-                                          ops.width, ops.group, ops.table.data_ptr(), ops.scales.data_ptr(),
-                                          ops.signs.data_ptr(), out.data_ptr(), native.threads())
+    elif lib.sl_decode_rows(ops.address(), first, count, out.data_ptr(), native.threads()):
+        raise MemoryError(f"the kernels could not allocate a buffer for {count} x {ops.cols} floats")
     return out
 
 
@@ -96,14 +105,22 @@ def tiled(x: torch.Tensor, ops: Operands, lib) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, ops: Operands) -> torch.Tensor:
-    """``x W^T`` for ``x`` of any shape ``[..., cols]`` and floating dtype; the result in ``x``'s dtype."""
+    """``x W^T`` for ``x`` of any shape ``[..., cols]`` and floating dtype; the result in ``x``'s dtype. Through the
+    custom op while ``torch.compile`` traces (one opaque node, no graph break); directly in eager mode (the op's
+    dispatch costs about as much as a small layer's product)."""
+    if torch.compiler.is_compiling():
+        return compressed_linear(x, ops.codes, ops.table, ops.scales, ops.signs, ops.kind, ops.width, ops.group,
+                                 ops.rows, ops.cols)
+    return _linear(x, ops)
+
+
+def _linear(x: torch.Tensor, ops: Operands) -> torch.Tensor:
     lib = native.library()
-    flat = x.reshape(-1, ops.cols)
-    if lib is not None and flat.shape[0] <= SMALL_BATCH:
-        if flat.dtype not in _DTYPE_CODES:
-            return small_batch(flat.float().contiguous(), ops, lib).to(x.dtype).view(*x.shape[:-1], ops.rows)
-        return small_batch(flat.contiguous(), ops, lib).view(*x.shape[:-1], ops.rows)
-    y = tiled(flat.to(torch.float32).contiguous(), ops, lib)
+    if lib is not None and x.numel() <= SMALL_BATCH * ops.cols:
+        if x.dtype in _DTYPE_CODES and x.is_contiguous():  # generation's case: no op but the product itself
+            return small_batch(x, ops, lib)
+        return small_batch(x.float().contiguous(), ops, lib).to(x.dtype)
+    y = tiled(x.reshape(-1, ops.cols).to(torch.float32).contiguous(), ops, lib)
     return y.to(x.dtype).reshape(*x.shape[:-1], ops.rows)
 
 
@@ -121,12 +138,20 @@ def gather_rows(ops: Operands, rows: torch.Tensor) -> torch.Tensor:
 
 
 def _gather_rows(ops: Operands, rows: torch.Tensor) -> torch.Tensor:
-    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= ops.rows):  # the kernels index without a check
-        raise IndexError(f"index out of range in self: token ids must be in [0, {ops.rows})")
-    lib = native.library()
     out = torch.empty(rows.numel(), ops.cols, dtype=torch.float32)
-    for i, row in enumerate(rows.tolist()):
-        decode_rows(ops, row, 1, lib, out[i:i + 1])
+    lib = native.library()
+    if lib is None:
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= ops.rows):
+            raise IndexError(f"index out of range in self: token ids must be in [0, {ops.rows})")
+        for i, row in enumerate(rows.tolist()):
+            out[i] = reference_rows(ops, row, 1)[0]
+        return out
+    rows = rows.to(torch.int64).contiguous()
+    status = lib.sl_gather_rows(ops.address(), rows.data_ptr(), rows.numel(), out.data_ptr())
+    if status == -2:  # checked in C before anything is read
+        raise IndexError(f"index out of range in self: token ids must be in [0, {ops.rows})")
+    if status:
+        raise MemoryError(f"the kernels could not allocate a buffer for a row of {ops.cols} floats")
     return out
 
 
@@ -163,7 +188,7 @@ def check_codes_in_table(ops: Operands) -> None:
 def compressed_linear(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
                       signs: torch.Tensor, kind: int, width: int, group: int, rows: int, cols: int) -> torch.Tensor:
     """``x W^T`` (see ``linear``) as a torch op."""
-    return linear(x, Operands(kind, codes, table, scales, signs, width, group, rows, cols))
+    return _linear(x, Operands(kind, codes, table, scales, signs, width, group, rows, cols))
 
 
 @compressed_linear.register_fake
@@ -181,12 +206,3 @@ def compressed_rows(index: torch.Tensor, codes: torch.Tensor, table: torch.Tenso
 @compressed_rows.register_fake
 def _(index, codes, table, scales, signs, kind, width, group, rows, cols):
     return index.new_empty((index.numel(), cols), dtype=torch.float32)
-
-
-def apply(x: torch.Tensor, ops: Operands) -> torch.Tensor:
-    """``x W^T``: directly in eager mode (a custom op's dispatch costs about as much as a small layer's product),
-    through the custom op while ``torch.compile`` traces."""
-    if torch.compiler.is_compiling():
-        return compressed_linear(x, ops.codes, ops.table, ops.scales, ops.signs, ops.kind, ops.width, ops.group,
-                                 ops.rows, ops.cols)
-    return linear(x, ops)

@@ -39,14 +39,24 @@ _CPU_FLAGS_NEEDED = ("avx2", "fma", "f16c", "avx512f", "avx512vl", "avx512bw", "
 BASE_FLAGS = ("-O3", "-std=c11", "-shared", "-fPIC", "-fopenmp", "-fno-strict-aliasing")
 
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-SIGNATURES = {  # name -> argument types (all return void unless listed in RETURNS)
-    "sl_signmag_decode_rows": [_i64, _i64, _i64, _ptr, _i64, _int, _i64, _ptr, _ptr, _ptr, _ptr, _int],
-    "sl_vq_decode_rows": [_i64, _i64, _i64, _ptr, _i64, _int, _i64, _ptr, _ptr, _ptr, _ptr, _int],
-    "sl_matmul": [_int, _ptr, _int, _i64, _i64, _i64, _ptr, _i64, _int, _i64, _ptr, _ptr, _ptr, _ptr, _int, _int],
+
+
+class Layer(ctypes.Structure):
+    """The C side's ``SlLayer``: one layer's stored weight as the kernels read it, built once per layer and passed
+    by address (a call then converts six arguments, not sixteen: at batch 1 that was a third of a small layer's
+    time)."""
+
+    _fields_ = [("kind", _i64), ("rows", _i64), ("cols", _i64), ("codes_len", _i64), ("width", _i64),
+                ("group", _i64), ("codes", _ptr), ("table", _ptr), ("scales", _ptr), ("signs", _ptr)]
+
+
+SIGNATURES = {  # name -> argument types; all return int (0: done; -1: out of memory; -2: an index out of range)
+    "sl_matmul": [_ptr, _ptr, _i64, _ptr, _int, _int],
+    "sl_decode_rows": [_ptr, _i64, _i64, _ptr, _int],
+    "sl_gather_rows": [_ptr, _ptr, _i64, _ptr],
     "sl_simd": [],
     "sl_version": [],
 }
-RETURNS = {"sl_simd": _int, "sl_version": _int, "sl_matmul": _int}
 
 
 class KernelUnavailable(RuntimeError):
@@ -115,11 +125,15 @@ def _thread_setting() -> int | None:
     return threads
 
 
+_threads_override: int | None = None  # HF_SIGNLOCK_THREADS as read when the library was loaded
+
+
 def threads() -> int:
-    """Threads the kernels run on: ``HF_SIGNLOCK_THREADS``, else torch's intra-op thread count."""
+    """Threads the kernels run on: ``HF_SIGNLOCK_THREADS`` (read when the library is loaded: the environment is too
+    slow to read on every call), else torch's intra-op thread count."""
     import torch
 
-    return _thread_setting() or max(1, torch.get_num_threads())
+    return _threads_override or max(1, torch.get_num_threads())
 
 
 @functools.cache
@@ -127,15 +141,16 @@ def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None (with one warning naming why) where they cannot be built or loaded."""
     if os.environ.get("HF_SIGNLOCK_KERNELS", "1").strip().lower() in ("0", "false", "off", "no"):
         return None  # asked for the torch path: no warning
+    global _threads_override
     try:
-        _thread_setting()
+        _threads_override = _thread_setting()
         import torch  # noqa: F401  (loads libgomp.so.1 first, so the kernels share torch's OpenMP runtime)
 
         lib = ctypes.CDLL(str(build()))
         for name, argtypes in SIGNATURES.items():
             function = getattr(lib, name)
             function.argtypes = argtypes
-            function.restype = RETURNS.get(name)
+            function.restype = _int
         return lib
     except (KernelUnavailable, OSError, subprocess.SubprocessError) as error:
         warnings.warn(f"hf_signlock: compressed layers run on the pure-torch path (decode, then matmul), which is "

@@ -175,19 +175,21 @@ class CompressedWeight(nn.Module):
         not apply: another device than the CPU, a codec without kernels, GPT-2's transposed layout, refinement."""
         if torch.compiler.is_compiling():  # prepared at load or by an eager forward: no cache logic is traced
             return self._operands[1]
-        if (self.payload.device.type != "cpu" or self.pinned_signs is not None or self.trainable_tables
-                or self.layout == "conv1d"):
+        payload = self._buffers["payload"]  # not self.payload: nn.Module's attribute fallback is slow
+        key = (payload.data_ptr(), payload._version)  # a new or rewritten payload has other operands
+        usable = payload.is_cpu and self.pinned_signs is None and not self.trainable_tables
+        if self._operands[0] == key and usable:  # every call of a layer's forward: kept to a few attribute reads
+            return self._operands[1]
+        if not usable or self.layout == "conv1d":
             return None
-        key = self._payload_key()
-        if self._operands[0] != key:
-            try:
-                operands = self.codec.kernel_operands(self.magnitude_tensors(), self.shape, self.codec_params,
-                                                      self.sign_bits())
-            except (ValueError, IndexError) as error:
-                raise CorruptCheckpointError(f"{self.param_name}: the {self.config.codec} tables do not decode: "
-                                             f"{error}") from None
-            self._operands = (key, operands)
-        return self._operands[1]
+        try:
+            operands = self.codec.kernel_operands(self.magnitude_tensors(), self.shape, self.codec_params,
+                                                  self.sign_bits())
+        except (ValueError, IndexError) as error:
+            raise CorruptCheckpointError(f"{self.param_name}: the {self.config.codec} tables do not decode: "
+                                         f"{error}") from None
+        self._operands = (key, operands)
+        return operands
 
     def check_payload(self) -> None:
         """Check that the payload was loaded and that its bytes are those written at export."""

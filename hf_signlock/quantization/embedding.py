@@ -43,13 +43,13 @@ class SignLockEmbedding(CompressedWeight):
         if self.pinned_signs is not None:  # refinement: the tables are trained through the decoded weight
             return F.embedding(input_ids, self.decode_weight(dtype=self.dtype), self.padding_idx)
         rows = input_ids.reshape(-1)
-        compiling = torch.compiler.is_compiling()  # traced: the ids are not known here (the op checks them)
-        if not compiling and rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.num_embeddings):
-            raise IndexError(f"index out of range in self: token ids must be in [0, {self.num_embeddings})")
+        compiling = torch.compiler.is_compiling()
         operands = self.kernel_operands() if compiling or kernel_matmul.compiled() else None
-        if operands is not None:  # the kernels decode each row straight from the payload
+        if operands is not None:  # the kernels decode each row straight from the payload (and check the ids)
             decoded = kernel_matmul.gather_rows(operands, rows.cpu()).to(self.dtype)
         else:
+            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.num_embeddings):
+                raise IndexError(f"index out of range in self: token ids must be in [0, {self.num_embeddings})")
             decoded = self.codec.decode_rows(self.magnitude_tensors(), self.shape, self.codec_params,
                                              self.sign_bits(), rows.to(self.payload.device), self.dtype)
         return decoded.view(*input_ids.shape, self.embedding_dim).to(input_ids.device)

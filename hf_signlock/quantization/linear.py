@@ -52,10 +52,10 @@ def apply_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 def _forward(x: torch.Tensor, layer: CompressedWeight, bias: torch.Tensor | None, layout: str) -> torch.Tensor:
     """The product without autograd: the compressed-domain kernels where they apply, else decode and multiply."""
-    operands = layer.kernel_operands() if x.device.type == "cpu" else None
+    operands = layer.kernel_operands() if x.is_cpu else None
     if operands is None:
         return apply_weight(x, layer.decoded(x.dtype, x.device), bias, layout)
-    y = kernel_matmul.apply(x, operands)
+    y = kernel_matmul.linear(x, operands)
     return y if bias is None else y + bias.to(y.dtype)
 
 
@@ -109,6 +109,10 @@ class SignLockLinear(CompressedWeight):
         return apply_weight(x, weight, bias, self.layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and x.is_cpu and self._parameters["bias"] is None:
+            operands = self.kernel_operands()  # generation's case, kept short: a small model calls this ~30 times a token
+            if operands is not None:
+                return kernel_matmul.linear(x, operands)
         return decoded_matmul(x, self, self.bias, self.layout)
 
     def dense(self, sign_bits: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> nn.Module:

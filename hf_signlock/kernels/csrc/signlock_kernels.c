@@ -14,8 +14,10 @@
  *
  * With AVX-512 (F, VL, BW, DQ, VBMI) + FMA + F16C, signmag of 1-4-bit codes runs 16 weights a step: one load of their codes,
  * one shift and mask into 8 lanes, one permute into the level table (held in one or two registers), the signs
- * applied as a mask from one byte, one FMA per row of x. Everything else (wider codes, groups or widths that are not
- * multiples of 8, vq) takes the portable loop, which the compiler vectorises as it can.
+ * applied as a mask from one byte, one FMA per row of x. vq decodes a chunk of rows into an L1 buffer, codeword by
+ * codeword, and multiplies it 16 weights a step (see the vq section). Everything else (wider signmag codes, groups or
+ * widths that are not multiples of 8, vq codewords over 64 weights) takes the portable loop, which the compiler
+ * vectorises as it can.
  *
  * Threads: OpenMP over output rows, in the OpenMP runtime torch itself uses (libgomp.so.1, loaded by torch first),
  * with the thread count the caller passes (torch.get_num_threads()).
@@ -41,7 +43,7 @@
 
 int sl_simd(void) { return SL_SIMD; }
 
-int sl_version(void) { return 1; }
+int sl_version(void) { return 2; }
 
 static inline float half_to_float(uint16_t h) {
 #if SL_SIMD
@@ -80,8 +82,12 @@ static inline float sign_at(const uint8_t *signs, int64_t k) {
     return (float)((int)((signs[k >> 3] >> (k & 7)) & 1) * 2 - 1);
 }
 
+#ifndef SL_THREAD_MIN_WORK
+#define SL_THREAD_MIN_WORK (1 << 16)
+#endif
+
 static int threads_for(int64_t work, int threads) {
-    if (work < (1 << 16)) return 1;  /* a small layer: waking a second thread costs more than it saves */
+    if (work < SL_THREAD_MIN_WORK) return 1;  /* a small layer: waking a second thread costs more than it saves */
     return threads < 1 ? 1 : threads;
 }
 
@@ -239,9 +245,9 @@ static void signmag_block(const float *x, int64_t block, int64_t rows, int64_t c
 
 /* Rows first .. first + count of W, float32, exactly as the decode path computes them (sign * max(level * scale,
  * floor), the product in float32): a tile for the caller's GEMM. */
-void sl_signmag_decode_rows(int64_t first, int64_t count, int64_t cols, const uint8_t *codes, int64_t codes_len,
-                            int width, int64_t group, const float *levels, const uint16_t *scales,
-                            const uint8_t *signs, float *out, int threads) {
+static void signmag_decode_rows(int64_t first, int64_t count, int64_t cols, const uint8_t *codes, int64_t codes_len,
+                               int width, int64_t group, const float *levels, const uint16_t *scales,
+                               const uint8_t *signs, float *out, int threads) {
     int64_t ngroups = (cols + group - 1) / group;
 #if SL_SIMD
     int fast = width <= 4 && cols % 8 == 0 && group % 8 == 0;
@@ -280,6 +286,15 @@ void sl_signmag_decode_rows(int64_t first, int64_t count, int64_t cols, const ui
 
 /* --- vq --------------------------------------------------------------------------------------------------------- */
 
+/* The matrix-vector product and the tiles both decode W a chunk of rows at a time into a thread's buffer that stays
+ * in L1, codeword by codeword: one code read and a copy of the codeword per group, with no per-weight index work
+ * (the weights' positions in the codebook follow from the codeword's). The product then reads the chunk 16 weights a
+ * step, with the signs as a lane mask and one FMA per row of x; the tiles apply sign, row scale and floor. */
+#define SL_VQ_CHUNK 4096     /* weights of W decoded at a time (16 KiB of float32) */
+#define SL_VQ_SIMD_GROUP 64  /* the widest codeword the SIMD copy takes (wider ones: the portable copy) */
+#define SL_VQ_PAD 80         /* buffer floats on either side of a chunk: a codeword starts up to group - 1 before
+                              * it, and the last one's 16-float stores run up to 15 floats past its own end */
+
 #if SL_SIMD
 /* 16 sign bits starting at bit k (any k), from a buffer of `length` bytes. */
 static inline uint32_t sign_bits_at(const uint8_t *signs, int64_t length, int64_t k) {
@@ -294,81 +309,174 @@ static inline uint32_t sign_bits_at(const uint8_t *signs, int64_t length, int64_
 }
 #endif
 
-/* Row r of vq for B rows of x (B a constant in each caller: the accumulators stay in registers). The row is walked
- * codeword by codeword (the group index counted, not divided per weight); with SIMD, up to 16 weights of a codeword
- * a step: a masked load of the codeword's values and of x (masked lanes are never read), the signs as a lane mask,
- * one FMA per row of x. */
-static inline __attribute__((always_inline)) void vq_row(
-    const int B, const float *x, int64_t r, int64_t rows, int64_t cols, const uint8_t *codes, int64_t codes_len,
-    int width, int64_t group, const float *codebook, const float *row_scale, const uint8_t *signs, float *y) {
-    int64_t first = r * cols, j = first / group, p = first - j * group, c = 0;
+/* The codebook values (unsigned, unscaled) of the flattened weights k0 .. k0 + n - 1 (n >= 1) into out[0 .. n).
+ * The SIMD copy stores whole 16-float blocks, so each codeword's stores run past its end (the next codeword's
+ * overwrite them) and the first starts before out: out needs SL_VQ_PAD floats of room on either side. */
 #if SL_SIMD
-    int64_t signs_len = (rows * cols + 7) >> 3;
-    __m512 acc[SL_MAX_BATCH];
-    for (int b = 0; b < B; b++) acc[b] = _mm512_setzero_ps();
+/* Codewords j .. stop from dst on: W (1, 2, 4, 8: a code within one byte; 0: any width, `width`) and BLOCKS (16-float
+ * blocks a codeword spans) are constants in each instance, so the loop has no per-codeword branches. */
+static inline __attribute__((always_inline)) void vq_copy_codewords(
+    const int W, const int64_t BLOCKS, int width, int64_t j, int64_t stop, const uint8_t *codes, int64_t codes_len,
+    int64_t group, const float *codebook, float *dst) {
+    const __mmask16 last = (__mmask16)((1u << (group - 16 * (BLOCKS - 1))) - 1);
+    for (; j <= stop; j++, dst += group) {
+        uint32_t code = W ? (uint32_t)(codes[(j * W) >> 3] >> ((j * W) & 7)) & ((1u << W) - 1)
+                          : code_at(codes, codes_len, j * width, width);
+        const float *src = codebook + (int64_t)code * group;
+        int64_t b = 0;
+        for (; b + 1 < BLOCKS; b++) _mm512_storeu_ps(dst + 16 * b, _mm512_loadu_ps(src + 16 * b));
+        _mm512_storeu_ps(dst + 16 * b, _mm512_maskz_loadu_ps(last, src + 16 * b));  /* no read past the book */
+    }
+}
+
+#define SL_VQ_COPY_BLOCKS(W)                                                                                        \
+    switch (blocks) {                                                                                             \
+    case 1: vq_copy_codewords(W, 1, width, j, stop, codes, codes_len, group, codebook, dst); break;               \
+    case 2: vq_copy_codewords(W, 2, width, j, stop, codes, codes_len, group, codebook, dst); break;               \
+    case 3: vq_copy_codewords(W, 3, width, j, stop, codes, codes_len, group, codebook, dst); break;               \
+    default: vq_copy_codewords(W, 4, width, j, stop, codes, codes_len, group, codebook, dst);                     \
+    }
+#endif
+
+static void vq_values(int64_t k0, int64_t n, const uint8_t *codes, int64_t codes_len, int width, int64_t group,
+                      const float *codebook, float *out) {
+    int64_t j = k0 / group, stop = (k0 + n - 1) / group;
+    float *dst = out - (k0 - j * group);
+#if SL_SIMD
+    if (group <= SL_VQ_SIMD_GROUP) {
+        const int64_t blocks = (group + 15) / 16;
+        switch (width) {
+        case 1: SL_VQ_COPY_BLOCKS(1) break;
+        case 2: SL_VQ_COPY_BLOCKS(2) break;
+        case 4: SL_VQ_COPY_BLOCKS(4) break;
+        case 8: SL_VQ_COPY_BLOCKS(8) break;
+        default: SL_VQ_COPY_BLOCKS(0)
+        }
+        return;
+    }
+#endif
+    for (; j <= stop; j++, dst += group) {  /* only the part inside out[0 .. n) */
+        const float *src = codebook + (int64_t)code_at(codes, codes_len, j * width, width) * group;
+        int64_t from = dst < out ? out - dst : 0, to = dst + group > out + n ? out + n - dst : group;
+        memcpy(dst + from, src + from, sizeof(float) * (to - from));
+    }
+}
+
+/* y[b * rows] = row_scale * sum_c s[k + c] * values[c] * x[b, c] for b < B (a constant in each caller, so that the
+ * accumulators stay in registers): one row of W (its signs from bit k) against B rows of x. */
+static inline __attribute__((always_inline)) void vq_dot(
+    const int B, const float *x, int64_t cols, const float *values, const uint8_t *signs, int64_t signs_len,
+    int64_t k, float row_scale, float *y, int64_t rows) {
+#if SL_SIMD
+    __m512 acc[SL_MAX_BATCH], odd[SL_MAX_BATCH];  /* two chains per row of x: an FMA waits on the one before */
+    for (int b = 0; b < B; b++) acc[b] = odd[b] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 32 <= cols; c += 32) {
+        __mmask16 plus0, plus1;  /* the lanes whose sign bit is 1 (+1) */
+        if ((k & 7) == 0) {      /* the row starts on a byte of signs (every layer whose width is a multiple of 8) */
+            plus0 = _load_mask16((__mmask16 *)(signs + ((k + c) >> 3)));
+            plus1 = _load_mask16((__mmask16 *)(signs + ((k + c) >> 3) + 2));
+        } else {
+            plus0 = (__mmask16)sign_bits_at(signs, signs_len, k + c);
+            plus1 = (__mmask16)sign_bits_at(signs, signs_len, k + c + 16);
+        }
+        __m512 w0 = _mm512_loadu_ps(values + c), w1 = _mm512_loadu_ps(values + c + 16);
+        w0 = _mm512_mask_sub_ps(w0, _knot_mask16(plus0), _mm512_setzero_ps(), w0);
+        w1 = _mm512_mask_sub_ps(w1, _knot_mask16(plus1), _mm512_setzero_ps(), w1);
+        for (int b = 0; b < B; b++) {
+            acc[b] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + b * cols + c), acc[b]);
+            odd[b] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + b * cols + c + 16), odd[b]);
+        }
+    }
+    for (; c < cols; c += 16) {
+        __mmask16 lanes = cols - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (cols - c)) - 1);
+        __m512 w = _mm512_maskz_loadu_ps(lanes, values + c);
+        __mmask16 negative = (__mmask16)~sign_bits_at(signs, signs_len, k + c) & lanes;
+        w = _mm512_mask_sub_ps(w, negative, _mm512_setzero_ps(), w);
+        for (int b = 0; b < B; b++)
+            acc[b] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lanes, x + b * cols + c), acc[b]);
+    }
+    for (int b = 0; b < B; b++) y[b * rows] = _mm512_reduce_add_ps(_mm512_add_ps(acc[b], odd[b])) * row_scale;
 #else
+    (void)signs_len;
     float total[SL_MAX_BATCH] = {0};
-#endif
-    while (c < cols) {
-        int64_t take = group - p < cols - c ? group - p : cols - c;
-        const float *word = codebook + (int64_t)code_at(codes, codes_len, j * width, width) * group + p;
-#if SL_SIMD
-        for (int64_t i = 0; i < take; i += 16) {
-            int64_t n = take - i < 16 ? take - i : 16;
-            __mmask16 lanes = (__mmask16)((1u << n) - 1);
-            __m512 w = _mm512_maskz_loadu_ps(lanes, word + i);
-            __mmask16 negative = (__mmask16)(~sign_bits_at(signs, signs_len, first + c + i)) & lanes;
-            w = _mm512_mask_sub_ps(w, negative, _mm512_setzero_ps(), w);
-            for (int b = 0; b < B; b++)
-                acc[b] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lanes, x + b * cols + c + i), acc[b]);
-        }
-#else
-        for (int64_t q = 0; q < take; q++) {
-            float w = sign_at(signs, first + c + q) * word[q];
-            for (int b = 0; b < B; b++) total[b] += w * x[b * cols + c + q];
-        }
-#endif
-        c += take, j += 1, p = 0;
+    for (int64_t c = 0; c < cols; c++) {
+        float w = sign_at(signs, k + c) * values[c];
+        for (int b = 0; b < B; b++) total[b] += w * x[b * cols + c];
     }
-    for (int b = 0; b < B; b++)
-#if SL_SIMD
-        y[b * rows + r] = _mm512_reduce_add_ps(acc[b]) * row_scale[r];
-#else
-        y[b * rows + r] = total[b] * row_scale[r];
+    for (int b = 0; b < B; b++) y[b * rows] = total[b] * row_scale;
 #endif
 }
 
-/* As signmag_block, for vq. */
-static void vq_block(const float *x, int64_t block, int64_t rows, int64_t cols, const uint8_t *codes,
-                     int64_t codes_len, int width, int64_t group, const float *codebook, const float *row_scale,
-                     const uint8_t *signs, float *y, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads_for(rows * cols * block, threads))
-    for (int64_t r = 0; r < rows; r++) {
-        switch (block) {
-        case 1: vq_row(1, x, r, rows, cols, codes, codes_len, width, group, codebook, row_scale, signs, y); break;
-        case 2: vq_row(2, x, r, rows, cols, codes, codes_len, width, group, codebook, row_scale, signs, y); break;
-        case 3: vq_row(3, x, r, rows, cols, codes, codes_len, width, group, codebook, row_scale, signs, y); break;
-        default: vq_row(4, x, r, rows, cols, codes, codes_len, width, group, codebook, row_scale, signs, y);
-        }
-    }
-}
-
-void sl_vq_decode_rows(int64_t first, int64_t count, int64_t cols, const uint8_t *codes, int64_t codes_len,
-                       int width, int64_t group, const float *codebook, const float *row_scale, const uint8_t *signs,
-                       float *out, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads_for(count * cols, threads))
+/* Rows of one chunk, signed, scaled and floored exactly as the decode path computes them (sign * max(value *
+ * row_scale, floor), the product in float32). */
+static void vq_finish_rows(int64_t r0, int64_t count, int64_t cols, const float *values, const float *row_scale,
+                           const uint8_t *signs, float *out) {
     for (int64_t i = 0; i < count; i++) {
-        int64_t r = first + i;
+        int64_t r = r0 + i;
         for (int64_t c = 0; c < cols; c++) {
-            int64_t k = r * cols + c, j = k / group;
-            float magnitude = codebook[(int64_t)code_at(codes, codes_len, j * width, width) * group + (k - j * group)]
-                              * row_scale[r];
-            out[i * cols + c] = sign_at(signs, k) * (magnitude > SL_FLOOR ? magnitude : SL_FLOOR);
+            float magnitude = values[i * cols + c] * row_scale[r];
+            out[i * cols + c] = sign_at(signs, r * cols + c) * (magnitude > SL_FLOOR ? magnitude : SL_FLOOR);
         }
     }
 }
 
-/* --- entry point with the activations' own dtype --------------------------------------------------------------- */
+/* Rows first .. first + count of W (float32, as the decode path gives them) into out, or (x != NULL) y[b, r] =
+ * sum_c x[b, c] W[r, c] for those rows, b < batch. Returns -1 when the buffers cannot be allocated. */
+static int vq_rows(int64_t first, int64_t count, int64_t rows, int64_t cols, const uint8_t *codes,
+                   int64_t codes_len, int width, int64_t group, const float *codebook, const float *row_scale,
+                   const uint8_t *signs, const float *x, int64_t batch, float *out, int threads) {
+    if (count <= 0 || cols <= 0) return 0;
+    int64_t per_chunk = cols < SL_VQ_CHUNK ? SL_VQ_CHUNK / cols : 1, chunks = (count + per_chunk - 1) / per_chunk;
+    int64_t size = per_chunk * cols + 2 * SL_VQ_PAD, signs_len = (rows * cols + 7) >> 3;
+    int team = threads_for(4 * count * cols * (x ? batch : 1), threads);  /* 4: a vq weight costs about 4 signmag ones */
+    if (team > chunks) team = (int)chunks;
+    float *buffers = (float *)malloc(sizeof(float) * size * team);
+    if (buffers == NULL) return -1;
+#pragma omp parallel for schedule(static) num_threads(team)
+    for (int64_t chunk = 0; chunk < chunks; chunk++) {
+#ifdef _OPENMP
+        float *values = buffers + size * omp_get_thread_num() + SL_VQ_PAD;
+#else
+        float *values = buffers + SL_VQ_PAD;
+#endif
+        int64_t r0 = first + chunk * per_chunk, n = count - chunk * per_chunk < per_chunk ? count - chunk * per_chunk
+                                                                                           : per_chunk;
+        vq_values(r0 * cols, n * cols, codes, codes_len, width, group, codebook, values);
+        if (x == NULL) {
+            vq_finish_rows(r0, n, cols, values, row_scale, signs, out + (r0 - first) * cols);
+            continue;
+        }
+        for (int64_t i = 0; i < n; i++) {
+            int64_t r = r0 + i;
+            for (int64_t b0 = 0; b0 < batch; b0 += SL_MAX_BATCH) {
+                const float *xb = x + b0 * cols, *w = values + i * cols;
+                float *yb = out + b0 * rows + r;
+                switch (batch - b0 < SL_MAX_BATCH ? batch - b0 : SL_MAX_BATCH) {
+                case 1: vq_dot(1, xb, cols, w, signs, signs_len, r * cols, row_scale[r], yb, rows); break;
+                case 2: vq_dot(2, xb, cols, w, signs, signs_len, r * cols, row_scale[r], yb, rows); break;
+                case 3: vq_dot(3, xb, cols, w, signs, signs_len, r * cols, row_scale[r], yb, rows); break;
+                default: vq_dot(4, xb, cols, w, signs, signs_len, r * cols, row_scale[r], yb, rows);
+                }
+            }
+        }
+    }
+    free(buffers);
+    return 0;
+}
+
+/* --- entry points ---------------------------------------------------------------------------------------------- */
+
+/* One layer's stored weight, as the caller keeps it for the layer's lifetime (one pointer a call instead of ten
+ * arguments: at batch 1 a small layer's product takes a few microseconds, as long as passing them). kind 0: signmag
+ * (table: the levels, scales: float16 group scales), 1: vq (table: the codebook, scales: float32 row scales). */
+typedef struct {
+    int64_t kind, rows, cols, codes_len, width, group;
+    const uint8_t *codes;
+    const float *table;
+    const void *scales;
+    const uint8_t *signs;
+} SlLayer;
 
 static inline float bf16_to_float(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
@@ -384,38 +492,66 @@ static inline uint16_t float_to_bf16(float value) {  /* round to nearest even, a
     return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1)) >> 16);
 }
 
-/* y = x W^T with x and y float32 (dtype 0) or bfloat16 (dtype 1), so that a bf16 model's activations need no cast
- * on either side (two torch ops a layer, a tenth of a small layer's time). kind 0: signmag, 1: vq. Returns 0, or -1
- * when a buffer cannot be allocated. */
-int sl_matmul(int kind, const void *x, int x_dtype, int64_t batch, int64_t rows, int64_t cols, const uint8_t *codes,
-              int64_t codes_len, int width, int64_t group, const float *table, const void *scales,
-              const uint8_t *signs, void *y, int y_dtype, int threads) {
+#define SL_STACK_FLOATS 4096  /* activations up to this size are converted on the stack, not in a malloc'd buffer */
+
+/* y = x W^T, x: batch x cols and y: batch x rows, both float32 (dtype 0) or bfloat16 (dtype 1; read and written
+ * directly, so a bf16 model's activations need no cast op on either side). Returns 0, or -1 when a buffer cannot be
+ * allocated. */
+int sl_matmul(const SlLayer *l, const void *x, int64_t batch, void *y, int dtype, int threads) {
+    const int64_t rows = l->rows, cols = l->cols;
+    float x_stack[SL_STACK_FLOATS], y_stack[SL_STACK_FLOATS];
     float *xf = (float *)x, *yf = (float *)y;
-    if (x_dtype == 1) {
-        xf = (float *)malloc(sizeof(float) * batch * cols);
-        if (xf == NULL) return -1;
+    int status = 0;
+    if (batch <= 0 || rows <= 0) return 0;
+    if (dtype == 1) {
+        xf = batch * cols <= SL_STACK_FLOATS ? x_stack : (float *)malloc(sizeof(float) * batch * cols);
+        yf = batch * rows <= SL_STACK_FLOATS ? y_stack : (float *)malloc(sizeof(float) * batch * rows);
+        if (xf == NULL || yf == NULL) {
+            status = -1;
+            goto done;
+        }
         for (int64_t i = 0; i < batch * cols; i++) xf[i] = bf16_to_float(((const uint16_t *)x)[i]);
     }
-    if (y_dtype == 1) {
-        yf = (float *)malloc(sizeof(float) * batch * rows);
-        if (yf == NULL) {
-            if (x_dtype == 1) free(xf);
-            return -1;
-        }
+    if (cols <= 0) {
+        memset(yf, 0, sizeof(float) * batch * rows);
+    } else if (l->kind == 0) {
+        for (int64_t b0 = 0; b0 < batch; b0 += SL_MAX_BATCH)  /* each weight decoded once per block of x's rows */
+            signmag_block(xf + b0 * cols, batch - b0 < SL_MAX_BATCH ? batch - b0 : SL_MAX_BATCH, rows, cols,
+                          l->codes, l->codes_len, (int)l->width, l->group, l->table, (const uint16_t *)l->scales,
+                          l->signs, yf + b0 * rows, threads);
+    } else {
+        status = vq_rows(0, rows, rows, cols, l->codes, l->codes_len, (int)l->width, l->group, l->table,
+                         (const float *)l->scales, l->signs, xf, batch, yf, threads);
     }
-    for (int64_t b0 = 0; b0 < batch; b0 += SL_MAX_BATCH) {  /* each weight decoded once per block of x's rows */
-        int64_t block = batch - b0 < SL_MAX_BATCH ? batch - b0 : SL_MAX_BATCH;
-        if (kind == 0)
-            signmag_block(xf + b0 * cols, block, rows, cols, codes, codes_len, width, group, table,
-                          (const uint16_t *)scales, signs, yf + b0 * rows, threads);
-        else
-            vq_block(xf + b0 * cols, block, rows, cols, codes, codes_len, width, group, table, (const float *)scales,
-                     signs, yf + b0 * rows, threads);
-    }
-    if (y_dtype == 1) {
+    if (dtype == 1 && status == 0)
         for (int64_t i = 0; i < batch * rows; i++) ((uint16_t *)y)[i] = float_to_bf16(yf[i]);
-        free(yf);
+done:
+    if (dtype == 1) {
+        if (xf != x_stack) free(xf);
+        if (yf != y_stack) free(yf);
     }
-    if (x_dtype == 1) free(xf);
+    return status;
+}
+
+/* Rows first .. first + count of W, float32, exactly as the decode path computes them (sign * max(magnitude,
+ * floor), the magnitude's product in float32): a tile for the caller's GEMM. Returns 0, or -1 when a buffer
+ * cannot be allocated. */
+int sl_decode_rows(const SlLayer *l, int64_t first, int64_t count, float *out, int threads) {
+    if (l->kind == 0) {
+        signmag_decode_rows(first, count, l->cols, l->codes, l->codes_len, (int)l->width, l->group, l->table,
+                            (const uint16_t *)l->scales, l->signs, out, threads);
+        return 0;
+    }
+    return vq_rows(first, count, l->rows, l->cols, l->codes, l->codes_len, (int)l->width, l->group, l->table,
+                   (const float *)l->scales, l->signs, NULL, 0, out, threads);
+}
+
+/* Rows index[0 .. n) of W (as sl_decode_rows gives them) into out: an embedding lookup. Returns 0, -1 when a buffer
+ * cannot be allocated, or -2 (nothing written) when an index is outside [0, rows). */
+int sl_gather_rows(const SlLayer *l, const int64_t *index, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i++)
+        if (index[i] < 0 || index[i] >= l->rows) return -2;
+    for (int64_t i = 0; i < n; i++)
+        if (sl_decode_rows(l, index[i], 1, out + i * l->cols, 1)) return -1;
     return 0;
 }
