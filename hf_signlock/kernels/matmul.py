@@ -72,9 +72,8 @@ def small_batch(x: torch.Tensor, ops: Operands, lib) -> torch.Tensor:
     matrix-vector kernel. Generation's path, once per layer and token: kept to the product's own work (one output
     allocation, one call), as every microsecond here is paid about 200 times a token by a small model."""
     y = x.new_empty((*x.shape[:-1], ops.rows))  # new_empty: a microsecond less than torch.empty
-    address = ops._native_address or ops.address()
-    if lib.sl_matmul(address, x.data_ptr(), x.numel() // ops.cols, y.data_ptr(), _DTYPE_CODES[x.dtype],
-                     native._threads_override or torch.get_num_threads()):
+    if lib.sl_matmul(ops.address(), x.data_ptr(), x.numel() // ops.cols, y.data_ptr(), _DTYPE_CODES[x.dtype],
+                     native.threads()):
         raise MemoryError(f"the kernels could not allocate {x.numel() // ops.cols} x {max(ops.rows, ops.cols)} "
                           "floats")
     return y
@@ -137,19 +136,29 @@ def gather_rows(ops: Operands, rows: torch.Tensor) -> torch.Tensor:
     return _gather_rows(ops, rows)
 
 
+def check_token_ids(rows: torch.Tensor, count: int) -> None:
+    """Raise ``IndexError`` (as ``nn.Embedding`` does) if an id in ``rows`` is outside ``[0, count)``: for the paths
+    whose lookups index without a check (the compiled ``sl_gather_rows`` checks them itself)."""
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= count):
+        raise _token_id_error(count)
+
+
+def _token_id_error(count: int) -> IndexError:
+    return IndexError(f"index out of range in self: token ids must be in [0, {count})")
+
+
 def _gather_rows(ops: Operands, rows: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows.numel(), ops.cols, dtype=torch.float32)
     lib = native.library()
     if lib is None:
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= ops.rows):
-            raise IndexError(f"index out of range in self: token ids must be in [0, {ops.rows})")
+        check_token_ids(rows, ops.rows)
         for i, row in enumerate(rows.tolist()):
             out[i] = reference_rows(ops, row, 1)[0]
         return out
     rows = rows.to(torch.int64).contiguous()
     status = lib.sl_gather_rows(ops.address(), rows.data_ptr(), rows.numel(), out.data_ptr())
     if status == -2:  # checked in C before anything is read
-        raise IndexError(f"index out of range in self: token ids must be in [0, {ops.rows})")
+        raise _token_id_error(ops.rows)
     if status:
         raise MemoryError(f"the kernels could not allocate a buffer for a row of {ops.cols} floats")
     return out

@@ -33,6 +33,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import torch  # loaded before the library: its libgomp.so.1 is the OpenMP runtime the kernels then share
+
 SOURCE = Path(__file__).with_name("csrc") / "signlock_kernels.c"
 SIMD_FLAGS = ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mavx512vbmi")
 _CPU_FLAGS_NEEDED = ("avx2", "fma", "f16c", "avx512f", "avx512vl", "avx512bw", "avx512dq", "avx512vbmi")
@@ -131,8 +133,6 @@ _threads_override: int | None = None  # HF_SIGNLOCK_THREADS as read when the lib
 def threads() -> int:
     """Threads the kernels run on: ``HF_SIGNLOCK_THREADS`` (read when the library is loaded: the environment is too
     slow to read on every call), else torch's intra-op thread count."""
-    import torch
-
     return _threads_override or max(1, torch.get_num_threads())
 
 
@@ -144,8 +144,6 @@ def library() -> ctypes.CDLL | None:
     global _threads_override
     try:
         _threads_override = _thread_setting()
-        import torch  # noqa: F401  (loads libgomp.so.1 first, so the kernels share torch's OpenMP runtime)
-
         lib = ctypes.CDLL(str(build()))
         for name, argtypes in SIGNATURES.items():
             function = getattr(lib, name)

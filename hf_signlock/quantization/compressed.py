@@ -160,7 +160,10 @@ class CompressedWeight(nn.Module):
         return bits ^ mask.to(torch.uint8)
 
     def _payload_key(self) -> tuple:
-        return self.payload.data_ptr(), self.payload._version, self.payload.device
+        """What changes when the payload is replaced, rewritten in place or moved (to or from the CPU): the key of
+        the caches built from it."""
+        payload = self._buffers["payload"]  # not self.payload: nn.Module's attribute fallback is slow
+        return payload.data_ptr(), payload._version, payload.is_cpu
 
     def sign_bits(self) -> torch.Tensor:
         """The weight's signs, bit-packed, built once per payload and kept: a view of the payload for packed signs,
@@ -175,9 +178,9 @@ class CompressedWeight(nn.Module):
         not apply: another device than the CPU, a codec without kernels, GPT-2's transposed layout, refinement."""
         if torch.compiler.is_compiling():  # prepared at load or by an eager forward: no cache logic is traced
             return self._operands[1]
-        payload = self._buffers["payload"]  # not self.payload: nn.Module's attribute fallback is slow
-        key = (payload.data_ptr(), payload._version)  # a new or rewritten payload has other operands
-        usable = payload.is_cpu and self.pinned_signs is None and not self.trainable_tables
+        key = self._payload_key()
+        on_cpu = key[2]
+        usable = on_cpu and self.pinned_signs is None and not self.trainable_tables
         if self._operands[0] == key and usable:  # every call of a layer's forward: kept to a few attribute reads
             return self._operands[1]
         if not usable or self.layout == "conv1d":

@@ -48,8 +48,7 @@ class SignLockEmbedding(CompressedWeight):
         if operands is not None:  # the kernels decode each row straight from the payload (and check the ids)
             decoded = kernel_matmul.gather_rows(operands, rows.cpu()).to(self.dtype)
         else:
-            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.num_embeddings):
-                raise IndexError(f"index out of range in self: token ids must be in [0, {self.num_embeddings})")
+            kernel_matmul.check_token_ids(rows, self.num_embeddings)
             decoded = self.codec.decode_rows(self.magnitude_tensors(), self.shape, self.codec_params,
                                              self.sign_bits(), rows.to(self.payload.device), self.dtype)
         return decoded.view(*input_ids.shape, self.embedding_dim).to(input_ids.device)

@@ -82,12 +82,8 @@ static inline float sign_at(const uint8_t *signs, int64_t k) {
     return (float)((int)((signs[k >> 3] >> (k & 7)) & 1) * 2 - 1);
 }
 
-#ifndef SL_THREAD_MIN_WORK
-#define SL_THREAD_MIN_WORK (1 << 16)
-#endif
-
 static int threads_for(int64_t work, int threads) {
-    if (work < SL_THREAD_MIN_WORK) return 1;  /* a small layer: waking a second thread costs more than it saves */
+    if (work < (1 << 16)) return 1;  /* a small layer: waking a second thread costs more than it saves */
     return threads < 1 ? 1 : threads;
 }
 
@@ -410,12 +406,11 @@ static inline __attribute__((always_inline)) void vq_dot(
 
 /* Rows of one chunk, signed, scaled and floored exactly as the decode path computes them (sign * max(value *
  * row_scale, floor), the product in float32). */
-static void vq_finish_rows(int64_t r0, int64_t count, int64_t rows, int64_t cols, const float *values,
-                           const float *row_scale, const uint8_t *signs, float *out) {
+static void vq_finish_rows(int64_t r0, int64_t count, int64_t cols, const float *values, const float *row_scale,
+                           const uint8_t *signs, int64_t signs_len, float *out) {
     for (int64_t i = 0; i < count; i++) {
         int64_t r = r0 + i, c = 0;
 #if SL_SIMD  /* the same float32 product and floor, 16 at a time; lanes whose sign bit is 0 negated */
-        const int64_t signs_len = (rows * cols + 7) >> 3;
         const __m512 scale = _mm512_set1_ps(row_scale[r]), floor = _mm512_set1_ps(SL_FLOOR);
         for (; c + 16 <= cols; c += 16) {
             __m512 magnitude = _mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(values + i * cols + c), scale), floor);
@@ -423,7 +418,7 @@ static void vq_finish_rows(int64_t r0, int64_t count, int64_t rows, int64_t cols
             _mm512_storeu_ps(out + i * cols + c, _mm512_mask_sub_ps(magnitude, minus, _mm512_setzero_ps(), magnitude));
         }
 #else
-        (void)rows;
+        (void)signs_len;
 #endif
         for (; c < cols; c++) {
             float magnitude = values[i * cols + c] * row_scale[r];
@@ -455,7 +450,7 @@ static int vq_rows(int64_t first, int64_t count, int64_t rows, int64_t cols, con
                                                                                            : per_chunk;
         vq_values(r0 * cols, n * cols, codes, codes_len, width, group, codebook, values);
         if (x == NULL) {
-            vq_finish_rows(r0, n, rows, cols, values, row_scale, signs, out + (r0 - first) * cols);
+            vq_finish_rows(r0, n, cols, values, row_scale, signs, signs_len, out + (r0 - first) * cols);
             continue;
         }
         for (int64_t i = 0; i < n; i++) {
