@@ -52,11 +52,6 @@ def log(message: str) -> None:
 # --- the worker: one model, one process ---------------------------------------------------------------------------
 
 
-def resident_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def weight_bytes(model) -> int:
     """Bytes of the model's weights as held in memory: every distinct storage among its parameters and buffers, and
     what compressed layers keep beside their payload for the kernels (signs rebuilt from a seed or base, tables)."""
@@ -81,6 +76,7 @@ def worker(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(THREADS)
+    from memory import rss_mib
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
@@ -93,7 +89,7 @@ def worker(spec: dict) -> dict:
     if spec["load"] in ("compressed", "dequantized"):  # the default (compressed), or dense modules; the base named
         kwargs["quantization_config"] = hf_signlock.SignLockConfig(
             dequantize=True if spec["load"] == "dequantized" else None, base_model=spec.get("base_model"))
-    before = resident_mib()
+    before = rss_mib()
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(spec["folder"], **kwargs).eval()
     load_s = time.perf_counter() - start
@@ -110,7 +106,7 @@ def worker(spec: dict) -> dict:
         model.forward = torch.compile(model.forward)
     with torch.inference_mode():
         model(prefill_ids[:, :8])
-        result["resident_mib"] = resident_mib() - before
+        result["resident_mib"] = rss_mib() - before
         result["weight_bytes"] = weight_bytes(model)
         start = time.perf_counter()
         model.generate(prompt, **(settings if spec.get("compile") else {**settings, "max_new_tokens": 8,

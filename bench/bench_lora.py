@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from memory import MIB, peak_rss_mib, rss_mib
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.utils import logging
@@ -45,22 +45,6 @@ BATCH, BLOCK, RANK = 8, 128, 8
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 9,
           "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 2048, "tie_word_embeddings": True}
-MIB = 1 << 20
-
-
-def rss_mib() -> float | None:
-    """The process's resident set now (Linux: /proc/self/statm), or None where unknown."""
-    try:
-        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-    return resident_pages * os.sysconf("SC_PAGE_SIZE") / MIB
-
-
-def peak_rss_mib() -> float:
-    """The process's peak resident set so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / MIB if sys.platform == "darwin" else peak / 1024
 
 
 def export(folder: Path) -> dict:
