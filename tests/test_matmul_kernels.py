@@ -90,6 +90,9 @@ def test_kernels_equal_decode_then_matmul(kind, rows, cols, width, group, batch,
     assert out16.dtype == torch.bfloat16
     products_close(out16, (x16.float() @ weight.T).bfloat16(), x16, weight, 2 ** -7)
     assert torch.equal(matmul.gather_rows(ops, torch.tensor([rows - 1, 0])), weight[[rows - 1, 0]])
+    # the lookup written in bf16 by the kernel: rounded as torch rounds (round to nearest even)
+    assert torch.equal(matmul.gather_rows(ops, torch.tensor([rows - 1, 0]), torch.bfloat16),
+                       weight[[rows - 1, 0]].bfloat16())
 
 
 def test_torch_fallback_gives_the_same_numbers(monkeypatch):

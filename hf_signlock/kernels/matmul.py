@@ -128,12 +128,12 @@ def compiled() -> bool:
     return native.library() is not None
 
 
-def gather_rows(ops: Operands, rows: torch.Tensor) -> torch.Tensor:
-    """Rows ``rows`` (int64 indices, in range) of ``W`` in float32: an embedding lookup."""
+def gather_rows(ops: Operands, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows ``rows`` (int64 indices, in range) of ``W`` in ``dtype``: an embedding lookup."""
     if torch.compiler.is_compiling():
         return compressed_rows(rows, ops.codes, ops.table, ops.scales, ops.signs, ops.kind, ops.width, ops.group,
-                               ops.rows, ops.cols)
-    return _gather_rows(ops, rows)
+                               ops.rows, ops.cols).to(dtype)
+    return _gather_rows(ops, rows, dtype)
 
 
 def check_token_ids(rows: torch.Tensor, count: int) -> None:
@@ -147,21 +147,25 @@ def _token_id_error(count: int) -> IndexError:
     return IndexError(f"index out of range in self: token ids must be in [0, {count})")
 
 
-def _gather_rows(ops: Operands, rows: torch.Tensor) -> torch.Tensor:
-    out = torch.empty(rows.numel(), ops.cols, dtype=torch.float32)
+def _gather_rows(ops: Operands, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     lib = native.library()
     if lib is None:
         check_token_ids(rows, ops.rows)
+        out = torch.empty(rows.numel(), ops.cols, dtype=torch.float32)
         for i, row in enumerate(rows.tolist()):
             out[i] = reference_rows(ops, row, 1)[0]
-        return out
-    rows = rows.to(torch.int64).contiguous()
-    status = lib.sl_gather_rows(ops.address(), rows.data_ptr(), rows.numel(), out.data_ptr())
+        return out.to(dtype)
+    direct = dtype in _DTYPE_CODES  # written in the model's dtype by the kernel: no cast op after it
+    out = torch.empty(rows.numel(), ops.cols, dtype=dtype if direct else torch.float32)
+    if rows.dtype != torch.int64 or not rows.is_contiguous():
+        rows = rows.to(torch.int64).contiguous()
+    status = lib.sl_gather_rows(ops.address(), rows.data_ptr(), rows.numel(), out.data_ptr(),
+                                _DTYPE_CODES[out.dtype])
     if status == -2:  # checked in C before anything is read
         raise _token_id_error(ops.rows)
     if status:
         raise MemoryError(f"the kernels could not allocate a buffer for a row of {ops.cols} floats")
-    return out
+    return out if direct else out.to(dtype)
 
 
 def reference_rows(ops: Operands, first: int, count: int) -> torch.Tensor:

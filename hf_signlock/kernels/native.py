@@ -55,7 +55,7 @@ class Layer(ctypes.Structure):
 SIGNATURES = {  # name -> argument types; all return int (0: done; -1: out of memory; -2: an index out of range)
     "sl_matmul": [_ptr, _ptr, _i64, _ptr, _int, _int],
     "sl_decode_rows": [_ptr, _i64, _i64, _ptr, _int],
-    "sl_gather_rows": [_ptr, _ptr, _i64, _ptr],
+    "sl_gather_rows": [_ptr, _ptr, _i64, _ptr, _int],
     "sl_simd": [],
     "sl_version": [],
 }

@@ -46,7 +46,7 @@ class SignLockEmbedding(CompressedWeight):
         compiling = torch.compiler.is_compiling()
         operands = self.kernel_operands() if compiling or kernel_matmul.compiled() else None
         if operands is not None:  # the kernels decode each row straight from the payload (and check the ids)
-            decoded = kernel_matmul.gather_rows(operands, rows.cpu()).to(self.dtype)
+            decoded = kernel_matmul.gather_rows(operands, rows.cpu(), self.dtype)
         else:
             kernel_matmul.check_token_ids(rows, self.num_embeddings)
             decoded = self.codec.decode_rows(self.magnitude_tensors(), self.shape, self.codec_params,

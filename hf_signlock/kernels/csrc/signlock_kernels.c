@@ -43,7 +43,7 @@
 
 int sl_simd(void) { return SL_SIMD; }
 
-int sl_version(void) { return 2; }
+int sl_version(void) { return 3; }
 
 static inline float half_to_float(uint16_t h) {
 #if SL_SIMD
@@ -310,15 +310,20 @@ static inline uint32_t sign_bits_at(const uint8_t *signs, int64_t length, int64_
  * overwrite them) and the first starts before out: out needs SL_VQ_PAD floats of room on either side. */
 #if SL_SIMD
 /* Codewords j .. stop from dst on: W (1, 2, 4, 8: a code within one byte; 0: any width, `width`) and BLOCKS (16-float
- * blocks a codeword spans) are constants in each instance, so the loop has no per-codeword branches. */
+ * blocks a codeword spans; 0: a codeword of up to 8 floats) are constants in each instance, so the loop has no
+ * per-codeword branches. */
 static inline __attribute__((always_inline)) void vq_copy_codewords(
     const int W, const int64_t BLOCKS, int width, int64_t j, int64_t stop, const uint8_t *codes, int64_t codes_len,
     int64_t group, const float *codebook, float *dst) {
-    const __mmask16 last = (__mmask16)((1u << (group - 16 * (BLOCKS - 1))) - 1);
+    const __mmask16 last = (__mmask16)((1u << (group - 16 * (BLOCKS > 0 ? BLOCKS - 1 : 0))) - 1);
     for (; j <= stop; j++, dst += group) {
         uint32_t code = W ? (uint32_t)(codes[(j * W) >> 3] >> ((j * W) & 7)) & ((1u << W) - 1)
                           : code_at(codes, codes_len, j * width, width);
         const float *src = codebook + (int64_t)code * group;
+        if (BLOCKS == 0) {  /* a codeword of up to 8: one 8-float store (a 16-float one splits a line every other time) */
+            _mm256_storeu_ps(dst, _mm256_maskz_loadu_ps((__mmask8)last, src));
+            continue;
+        }
         int64_t b = 0;
         for (; b + 1 < BLOCKS; b++) _mm512_storeu_ps(dst + 16 * b, _mm512_loadu_ps(src + 16 * b));
         _mm512_storeu_ps(dst + 16 * b, _mm512_maskz_loadu_ps(last, src + 16 * b));  /* no read past the book */
@@ -327,6 +332,7 @@ static inline __attribute__((always_inline)) void vq_copy_codewords(
 
 #define SL_VQ_COPY_BLOCKS(W)                                                                                        \
     switch (blocks) {                                                                                             \
+    case 0: vq_copy_codewords(W, 0, width, j, stop, codes, codes_len, group, codebook, dst); break;               \
     case 1: vq_copy_codewords(W, 1, width, j, stop, codes, codes_len, group, codebook, dst); break;               \
     case 2: vq_copy_codewords(W, 2, width, j, stop, codes, codes_len, group, codebook, dst); break;               \
     case 3: vq_copy_codewords(W, 3, width, j, stop, codes, codes_len, group, codebook, dst); break;               \
@@ -340,7 +346,7 @@ static void vq_values(int64_t k0, int64_t n, const uint8_t *codes, int64_t codes
     float *dst = out - (k0 - j * group);
 #if SL_SIMD
     if (group <= SL_VQ_SIMD_GROUP) {
-        const int64_t blocks = (group + 15) / 16;
+        const int64_t blocks = group <= 8 ? 0 : (group + 15) / 16;  /* 0: one 8-float store */
         switch (width) {
         case 1: SL_VQ_COPY_BLOCKS(1) break;
         case 2: SL_VQ_COPY_BLOCKS(2) break;
@@ -404,6 +410,9 @@ static inline __attribute__((always_inline)) void vq_dot(
 #endif
 }
 
+#define SL_VQ_BUFFER (SL_VQ_CHUNK + 2 * SL_VQ_PAD)
+static _Thread_local float sl_vq_buffer[SL_VQ_BUFFER] __attribute__((aligned(64)));  /* one per thread (16.6 KiB) */
+
 /* Rows of one chunk, signed, scaled and floored exactly as the decode path computes them (sign * max(value *
  * row_scale, floor), the product in float32). */
 static void vq_finish_rows(int64_t r0, int64_t count, int64_t cols, const float *values, const float *row_scale,
@@ -437,14 +446,19 @@ static int vq_rows(int64_t first, int64_t count, int64_t rows, int64_t cols, con
     int64_t size = per_chunk * cols + 2 * SL_VQ_PAD, signs_len = (rows * cols + 7) >> 3;
     int team = threads_for(4 * count * cols * (x ? batch : 1), threads);  /* 4: a vq weight costs about 4 signmag ones */
     if (team > chunks) team = (int)chunks;
-    float *buffers = (float *)malloc(sizeof(float) * size * team);
-    if (buffers == NULL) return -1;
+    /* Rows up to a chunk wide use each thread's own buffer, kept warm across calls: a buffer malloc'd a call cost
+     * a small layer's product up to half its time in situ (fresh pages, cold lines). Wider rows allocate. */
+    float *buffers = NULL;
+    if (size > SL_VQ_BUFFER) {
+        buffers = (float *)malloc(sizeof(float) * size * team);
+        if (buffers == NULL) return -1;
+    }
 #pragma omp parallel for schedule(static) num_threads(team)
     for (int64_t chunk = 0; chunk < chunks; chunk++) {
 #ifdef _OPENMP
-        float *values = buffers + size * omp_get_thread_num() + SL_VQ_PAD;
+        float *values = (buffers ? buffers + size * omp_get_thread_num() : sl_vq_buffer) + SL_VQ_PAD;
 #else
-        float *values = buffers + SL_VQ_PAD;
+        float *values = (buffers ? buffers : sl_vq_buffer) + SL_VQ_PAD;
 #endif
         int64_t r0 = first + chunk * per_chunk, n = count - chunk * per_chunk < per_chunk ? count - chunk * per_chunk
                                                                                            : per_chunk;
@@ -552,12 +566,25 @@ int sl_decode_rows(const SlLayer *l, int64_t first, int64_t count, float *out, i
                    (const float *)l->scales, l->signs, NULL, 0, out, threads);
 }
 
-/* Rows index[0 .. n) of W (as sl_decode_rows gives them) into out: an embedding lookup. Returns 0, -1 when a buffer
- * cannot be allocated, or -2 (nothing written) when an index is outside [0, rows). */
-int sl_gather_rows(const SlLayer *l, const int64_t *index, int64_t n, float *out) {
+/* Rows index[0 .. n) of W (as sl_decode_rows gives them) into out, float32 (dtype 0) or bfloat16 (dtype 1, rounded
+ * as torch casts): an embedding lookup, written in the model's dtype so that no cast op follows. Returns 0, -1 when
+ * a buffer cannot be allocated, or -2 (nothing written) when an index is outside [0, rows). */
+int sl_gather_rows(const SlLayer *l, const int64_t *index, int64_t n, void *out, int dtype) {
+    const int64_t cols = l->cols;
+    float row_stack[SL_STACK_FLOATS];
     for (int64_t i = 0; i < n; i++)
         if (index[i] < 0 || index[i] >= l->rows) return -2;
-    for (int64_t i = 0; i < n; i++)
-        if (sl_decode_rows(l, index[i], 1, out + i * l->cols, 1)) return -1;
-    return 0;
+    float *row = dtype == 0 || cols <= SL_STACK_FLOATS ? row_stack : (float *)malloc(sizeof(float) * cols);
+    if (row == NULL) return -1;
+    int status = 0;
+    for (int64_t i = 0; i < n && status == 0; i++) {
+        if (dtype == 0) {
+            status = sl_decode_rows(l, index[i], 1, (float *)out + i * cols, 1);
+            continue;
+        }
+        status = sl_decode_rows(l, index[i], 1, row, 1);
+        for (int64_t c = 0; c < cols; c++) ((uint16_t *)out)[i * cols + c] = float_to_bf16(row[c]);
+    }
+    if (row != row_stack) free(row);
+    return status;
 }
