@@ -54,14 +54,15 @@ def log(message: str) -> None:
 
 def weight_bytes(model) -> int:
     """Bytes of the model's weights as held in memory: every distinct storage among its parameters and buffers, and
-    what compressed layers keep beside their payload for the kernels (signs rebuilt from a seed or base, tables)."""
+    what compressed layers keep beside their payload for the kernels (signs rebuilt from a seed or base, tables,
+    the slot layout of small vq books)."""
     from hf_signlock.quantization.layers import compressed_layers
 
     tensors = [*model.parameters(), *model.buffers()]
     for layer in compressed_layers(model).values():
         operands = layer.kernel_operands()
         if operands is not None:
-            tensors += [operands.signs, operands.table, operands.scales]
+            tensors += [operands.signs, operands.table, operands.scales, *operands.layout_tensors()]
         elif layer._signs[1] is not None:
             tensors.append(layer._signs[1])
     storages = {}

@@ -95,6 +95,46 @@ def test_kernels_equal_decode_then_matmul(kind, rows, cols, width, group, batch,
                        weight[[rows - 1, 0]].bfloat16())
 
 
+@pytest.mark.skipif(native.library() is None or not native.library().sl_simd(),
+                    reason="the compiled kernels, with their SIMD paths, do not build here")
+@pytest.mark.parametrize("rows, cols, width, group", [
+    (16, 128, 4, 11),  # the quickstart's attention projections: codewords across rows, one block of 12 slots
+    (9, 352, 4, 8),    # its gate / up: 44 slots, 3 blocks, every row starting on a codeword
+    (5, 352, 4, 7),    # its down projection: 51 slots in 4 blocks
+    (7, 100, 2, 12),   # 2-bit codes (one load, shifted into lanes); 9 slots
+    (6, 64, 1, 8),     # 1-bit codes; exactly 8 slots
+    (11, 200, 3, 11),  # 3-bit codes: one code at a time
+    (3, 40, 4, 2),     # short codewords: 20 slots, the last codes read one at a time near the end
+])
+def test_slot_layout_equals_the_decode_path(rows, cols, width, group):
+    """vq layers with a book of up to 16 codewords multiply through the slot layout built at first use: the same
+    products as the decode path and as the chunk decode, for one row of x, a block of 4 and a block and a part."""
+    ops = random_operands(matmul.VQ, rows, cols, width, group, rows + cols)
+    plain = dataclasses.replace(ops, lay_out=False)
+    lib = native.library()
+    ops.address()
+    assert ops._slots is not None and plain.layout_tensors() == []
+    weight = matmul.reference_rows(ops, 0, rows)
+    for batch in (1, 4, 6):
+        x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))
+        y = matmul.small_batch(x, ops, lib)
+        products_close(y, x @ weight.T, x, weight)
+        products_close(y, matmul.small_batch(x, plain, lib), x, weight)
+    x16 = torch.randn(1, cols).bfloat16()
+    products_close(matmul.small_batch(x16, ops, lib), (x16.float() @ weight.T).bfloat16(), x16, weight, 2 ** -7)
+
+
+@requires_kernels
+def test_slot_layout_only_where_the_lanes_are_used():
+    """Codewords long against the row (fewer than 8 slots a block) and books over 16 codewords keep the chunk
+    decode; so do signmag layers."""
+    for kind, rows, cols, width, group in ((matmul.VQ, 4, 128, 2, 28), (matmul.VQ, 4, 128, 5, 8),
+                                           (matmul.SIGNMAG, 4, 128, 2, 32)):
+        ops = random_operands(kind, rows, cols, width, group, 0)
+        ops.address()
+        assert ops.layout_tensors() == []
+
+
 def test_torch_fallback_gives_the_same_numbers(monkeypatch):
     ops = random_operands(matmul.SIGNMAG, 30, 64, 3, 16, 0)
     x = torch.randn(5, 64)

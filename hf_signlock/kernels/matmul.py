@@ -50,18 +50,33 @@ class Operands:
     group: int
     rows: int
     cols: int
+    lay_out: bool = True
     _native: native.Layer | None = field(default=None, init=False, repr=False)
     _native_address: int = field(default=0, init=False, repr=False)
+    _slots: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def address(self) -> int:
         """The address of this layer's ``native.Layer`` (built on first use; it points into these tensors, which
-        this object keeps alive)."""
+        this object keeps alive). With ``lay_out`` (operands kept for a layer's lifetime, not made for one call), a
+        vq layer whose codebook has at most 16 codewords also gets the kernels' slot layout (the codebook
+        transposed, the signs regrouped by slot: about as many bytes as the packed signs), which makes its
+        matrix-vector product several times faster."""
         if self._native is None:
-            self._native = native.Layer(self.kind, self.rows, self.cols, self.codes.numel(), self.width, self.group,
-                                        self.codes.data_ptr(), self.table.data_ptr(), self.scales.data_ptr(),
-                                        self.signs.data_ptr())
-            self._native_address = ctypes.addressof(self._native)
+            layer = native.Layer(self.kind, self.rows, self.cols, self.codes.numel(), self.width, self.group,
+                                 self.table.shape[0], self.codes.data_ptr(), self.table.data_ptr(),
+                                 self.scales.data_ptr(), self.signs.data_ptr(), None)
+            lib = native.library()
+            size = lib.sl_vq_slots_bytes(ctypes.addressof(layer)) if self.lay_out and lib is not None else 0
+            if size > 0:
+                self._slots = torch.empty(size, dtype=torch.uint8)
+                lib.sl_vq_slots_build(ctypes.addressof(layer), self._slots.data_ptr())
+                layer.slots = self._slots.data_ptr()
+            self._native, self._native_address = layer, ctypes.addressof(layer)
         return self._native_address
+
+    def layout_tensors(self) -> list[torch.Tensor]:
+        """The tensors the kernels' own layout added (for memory accounting)."""
+        return [] if self._slots is None else [self._slots]
 
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # what the kernels read and write directly
@@ -201,7 +216,7 @@ def check_codes_in_table(ops: Operands) -> None:
 def compressed_linear(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
                       signs: torch.Tensor, kind: int, width: int, group: int, rows: int, cols: int) -> torch.Tensor:
     """``x W^T`` (see ``linear``) as a torch op."""
-    return _linear(x, Operands(kind, codes, table, scales, signs, width, group, rows, cols))
+    return _linear(x, Operands(kind, codes, table, scales, signs, width, group, rows, cols, lay_out=False))
 
 
 @compressed_linear.register_fake
@@ -213,7 +228,8 @@ def _(x, codes, table, scales, signs, kind, width, group, rows, cols):
 def compressed_rows(index: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
                     signs: torch.Tensor, kind: int, width: int, group: int, rows: int, cols: int) -> torch.Tensor:
     """Rows ``index`` of ``W`` in float32 (see ``gather_rows``) as a torch op: an embedding lookup."""
-    return _gather_rows(Operands(kind, codes, table, scales, signs, width, group, rows, cols), index.reshape(-1))
+    return _gather_rows(Operands(kind, codes, table, scales, signs, width, group, rows, cols, lay_out=False),
+                        index.reshape(-1))
 
 
 @compressed_rows.register_fake

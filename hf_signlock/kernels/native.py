@@ -49,16 +49,23 @@ class Layer(ctypes.Structure):
     time)."""
 
     _fields_ = [("kind", _i64), ("rows", _i64), ("cols", _i64), ("codes_len", _i64), ("width", _i64),
-                ("group", _i64), ("codes", _ptr), ("table", _ptr), ("scales", _ptr), ("signs", _ptr)]
+                ("group", _i64), ("table_rows", _i64), ("codes", _ptr), ("table", _ptr), ("scales", _ptr),
+                ("signs", _ptr), ("slots", _ptr)]
 
 
-SIGNATURES = {  # name -> argument types; all return int (0: done; -1: out of memory; -2: an index out of range)
+SIGNATURES = {  # name -> argument types; all return int (0: done; -1: out of memory; -2: an index out of range),
+    # but sl_vq_slots_bytes (a size, RESULT_TYPES)
     "sl_matmul": [_ptr, _ptr, _i64, _ptr, _int, _int],
     "sl_decode_rows": [_ptr, _i64, _i64, _ptr, _int],
     "sl_gather_rows": [_ptr, _ptr, _i64, _ptr, _int],
+    "sl_vq_slots_bytes": [_ptr],
+    "sl_vq_slots_build": [_ptr, _ptr],
     "sl_simd": [],
     "sl_version": [],
 }
+
+
+RESULT_TYPES = {"sl_vq_slots_bytes": _i64}
 
 
 class KernelUnavailable(RuntimeError):
@@ -148,7 +155,7 @@ def library() -> ctypes.CDLL | None:
         for name, argtypes in SIGNATURES.items():
             function = getattr(lib, name)
             function.argtypes = argtypes
-            function.restype = _int
+            function.restype = RESULT_TYPES.get(name, _int)
         return lib
     except (KernelUnavailable, OSError, subprocess.SubprocessError) as error:
         warnings.warn(f"hf_signlock: compressed layers run on the pure-torch path (decode, then matmul), which is "

@@ -14,10 +14,11 @@
  *
  * With AVX-512 (F, VL, BW, DQ, VBMI) + FMA + F16C, signmag of 1-4-bit codes runs 16 weights a step: one load of their codes,
  * one shift and mask into 8 lanes, one permute into the level table (held in one or two registers), the signs
- * applied as a mask from one byte, one FMA per row of x. vq decodes a chunk of rows into an L1 buffer, codeword by
- * codeword, and multiplies it 16 weights a step (see the vq section). Everything else (wider signmag codes, groups or
- * widths that are not multiples of 8, vq codewords over 64 weights) takes the portable loop, which the compiler
- * vectorises as it can.
+ * applied as a mask from one byte, one FMA per row of x. vq with a book of up to 16 codewords multiplies through a
+ * slot layout built at load (one permute of a codebook column gives 16 weights; see "the slot layout"); other vq
+ * layers decode a chunk of rows into an L1 buffer, codeword by codeword, and multiply it 16 weights a step.
+ * Everything else (wider signmag codes, groups or widths that are not multiples of 8, vq codewords over 64 weights)
+ * takes the portable loop, which the compiler vectorises as it can.
  *
  * Threads: OpenMP over output rows, in the OpenMP runtime torch itself uses (libgomp.so.1, loaded by torch first),
  * with the thread count the caller passes (torch.get_num_threads()).
@@ -39,11 +40,12 @@
 #endif
 
 #define SL_MAX_BATCH 4
+#define SL_STACK_FLOATS 4096  /* activations up to this size are converted on the stack, not in a malloc'd buffer */
 #define SL_FLOOR 1e-12f
 
 int sl_simd(void) { return SL_SIMD; }
 
-int sl_version(void) { return 3; }
+int sl_version(void) { return 4; }
 
 static inline float half_to_float(uint16_t h) {
 #if SL_SIMD
@@ -491,12 +493,198 @@ static int vq_rows(int64_t first, int64_t count, int64_t rows, int64_t cols, con
  * arguments: at batch 1 a small layer's product takes a few microseconds, as long as passing them). kind 0: signmag
  * (table: the levels, scales: float16 group scales), 1: vq (table: the codebook, scales: float32 row scales). */
 typedef struct {
-    int64_t kind, rows, cols, codes_len, width, group;
+    int64_t kind, rows, cols, codes_len, width, group, table_rows;
     const uint8_t *codes;
     const float *table;
     const void *scales;
     const uint8_t *signs;
+    const void *slots;  /* vq with a small codebook: the slot layout (sl_vq_slots_build), else NULL */
 } SlLayer;
+
+/* --- vq with a codebook of up to 16 codewords: the slot layout ------------------------------------------------- */
+
+/* A row's columns are cut into slots of `group` columns (slot s: columns s * group .. s * group + group - 1, the
+ * last padded), 16 slots to a block. Column c = s * group + q of row r is weight k = r * cols + c, at position
+ * (o + q) mod group of codeword J + s + (o + q) / group, where J = r * cols / group and o = r * cols mod group: for
+ * q < group - o the codes of codewords J + s (vector A), else those of J + s + 1 (vector B), and the position is the
+ * same for every slot. So one permute of a codebook column (held in a register: 16 codewords) by A or B gives 16
+ * weights, one per slot, at position q of each; x is laid out once a call in the same order (zero past the row),
+ * and the signs are laid out once at load: per row and block, one 16-bit mask per q. Per 16 weights: a permute, a
+ * masked negate, one FMA per row of x; no per-weight index work. The layout built at load (`slots`):
+ *   float columns[group][16]       the codebook transposed: columns[p][code] (codes past the book: 0)
+ *   uint16 masks[rows][blocks][group]  bit j: the sign of row r, column (16 * block + j) * group + q is +1 */
+#define SL_SLOT_CODES 16
+
+static inline int64_t slot_blocks(int64_t cols, int64_t group) {
+    return ((cols + group - 1) / group + 15) / 16;
+}
+
+/* Bytes of the slot layout of this layer, or 0 where it does not apply (not vq, a codebook over 16 codewords, half
+ * the lanes or more idle, a build without the SIMD paths). */
+int64_t sl_vq_slots_bytes(const SlLayer *l) {
+#if SL_SIMD
+    if (l->kind != 1 || l->table_rows > SL_SLOT_CODES || l->group < 1 || l->rows < 1 || l->cols < 1) return 0;
+    /* rows of fewer than 8 slots a block (codewords long against the row) would leave most lanes idle: there the
+     * chunk decode is as fast */
+    const int64_t slots = (l->cols + l->group - 1) / l->group;
+    if (2 * slots < 16 * slot_blocks(l->cols, l->group)) return 0;
+    return (int64_t)sizeof(float) * l->group * SL_SLOT_CODES +
+           (int64_t)sizeof(uint16_t) * l->rows * slot_blocks(l->cols, l->group) * l->group;
+#else
+    (void)l;
+    return 0;
+#endif
+}
+
+/* Fill `out` (sl_vq_slots_bytes(l) bytes) with the slot layout. Returns 0, or -1 when it does not apply. */
+int sl_vq_slots_build(const SlLayer *l, void *out) {
+    if (sl_vq_slots_bytes(l) == 0) return -1;
+    const int64_t rows = l->rows, cols = l->cols, group = l->group, blocks = slot_blocks(cols, group);
+    float *columns = (float *)out;
+    uint16_t *masks = (uint16_t *)(columns + group * SL_SLOT_CODES);
+    for (int64_t p = 0; p < group; p++)
+        for (int64_t code = 0; code < SL_SLOT_CODES; code++)
+            columns[p * SL_SLOT_CODES + code] = code < l->table_rows ? l->table[code * group + p] : 0.0f;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t b = 0; b < blocks; b++)
+            for (int64_t q = 0; q < group; q++) {
+                uint16_t mask = 0;
+                for (int64_t j = 0; j < 16; j++) {
+                    int64_t c = (16 * b + j) * group + q;
+                    int64_t k = r * cols + c;
+                    if (c < cols && ((l->signs[k >> 3] >> (k & 7)) & 1)) mask |= (uint16_t)(1u << j);
+                }
+                masks[(r * blocks + b) * group + q] = mask;
+            }
+    return 0;
+}
+
+#if SL_SIMD
+/* The codes of codewords j .. j + 15 (A) and j + 1 .. j + 16 (B), one per 32-bit lane (past the last codeword: 0).
+ * Codes of 1, 2, 4 or 8 bits come from one load, spread over the lanes by shifts; other widths, and the end of the
+ * codes, one code at a time. */
+static inline void slot_codes(const SlLayer *l, int64_t j, int64_t codewords, __m512i *a, __m512i *b) {
+    const int width = (int)l->width;
+    int32_t last;
+    if (width == 4 && j + 17 <= codewords && (j >> 1) + 9 <= l->codes_len) {
+        uint64_t word;
+        memcpy(&word, l->codes + (j >> 1), 8);
+        uint64_t extra = l->codes[(j >> 1) + 8];
+        if (j & 1) {  /* starts on a high nibble: the 16 codes span 8.5 bytes */
+            word = (word >> 4) | (extra << 60);
+            last = (int32_t)((extra >> 4) & 15);
+        } else {
+            last = (int32_t)(extra & 15);
+        }
+        /* qword i of v: the word shifted by 8 i bits; its two nibbles go to lanes 2 i and 2 i + 1 */
+        const __m512i v = _mm512_srlv_epi64(_mm512_set1_epi64((long long)word),
+                                            _mm512_set_epi64(56, 48, 40, 32, 24, 16, 8, 0));
+        const __m512i nibble = _mm512_set1_epi64(15);
+        *a = _mm512_or_si512(_mm512_and_si512(v, nibble),
+                             _mm512_slli_epi64(_mm512_and_si512(_mm512_srli_epi64(v, 4), nibble), 32));
+    } else if ((width == 1 || width == 2) && j + 17 <= codewords && ((j * width) >> 3) + 8 <= l->codes_len) {
+        uint64_t word;  /* 17 codes of 1 or 2 bits: at most 34 + 7 bits from where they start */
+        memcpy(&word, l->codes + ((j * width) >> 3), 8);
+        word >>= (j * width) & 7;
+        const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+        const __m512i shifts = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(width));
+        *a = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)(uint32_t)word), shifts),
+                              _mm512_set1_epi32((1 << width) - 1));
+        last = (int32_t)((word >> (16 * width)) & ((1u << width) - 1));
+    } else if (width == 8 && j + 17 <= codewords && j + 17 <= l->codes_len) {
+        *a = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(l->codes + j)));
+        last = l->codes[j + 16];
+    } else {
+        int32_t codes[16];
+        for (int i = 0; i < 16; i++)
+            codes[i] = j + i < codewords ? (int32_t)code_at(l->codes, l->codes_len, (j + i) * width, width) : 0;
+        last = j + 16 < codewords ? (int32_t)code_at(l->codes, l->codes_len, (j + 16) * width, width) : 0;
+        *a = _mm512_loadu_si512(codes);
+    }
+    *b = _mm512_alignr_epi32(_mm512_set1_epi32(last), *a, 1);  /* lanes 1 .. 15 of A, then code j + 16 */
+}
+
+/* 16 weights (one per slot) at column offset q: codebook column p permuted by the slots' codes, signs applied. */
+static inline __m512 slot_weights(const float *columns, int64_t p, __m512i codes, uint16_t plus) {
+    __m512 w = _mm512_permutexvar_ps(codes, _mm512_loadu_ps(columns + p * SL_SLOT_CODES));
+    return _mm512_mask_sub_ps(w, (__mmask16)~plus, _mm512_setzero_ps(), w);
+}
+
+/* y[b, r] for rows first .. first + count, b < B (a constant per instance), from the slot layout; xs: x laid out
+ * as slots (B x blocks x group x 16 floats, `stride` floats apart). */
+static inline __attribute__((always_inline)) void vq_slot_rows(const int B, const SlLayer *l, const float *xs,
+                                                               int64_t stride, int64_t first, int64_t count,
+                                                               float *y) {
+    const int64_t rows = l->rows, cols = l->cols, group = l->group, blocks = slot_blocks(cols, group);
+    const int64_t codewords = (rows * cols + group - 1) / group;
+    const float *columns = (const float *)l->slots;
+    const uint16_t *masks = (const uint16_t *)(columns + group * SL_SLOT_CODES);
+    const float *row_scale = (const float *)l->scales;
+    for (int64_t r = first; r < first + count; r++) {
+        const int64_t j0 = r * cols / group, o = r * cols - j0 * group;
+        __m512 acc[SL_MAX_BATCH], odd[SL_MAX_BATCH];  /* two chains per row of x: an FMA waits on the one before */
+        for (int b = 0; b < B; b++) acc[b] = odd[b] = _mm512_setzero_ps();
+        for (int64_t block = 0; block < blocks; block++) {
+            __m512i a, next;
+            slot_codes(l, j0 + 16 * block, codewords, &a, &next);
+            const uint16_t *m = masks + (r * blocks + block) * group;
+            const float *xb = xs + block * group * 16;
+            int64_t q = 0;
+            /* q < group - o: codewords j0 + s, position o + q; then codewords j0 + s + 1, position o + q - group */
+            for (; q + 1 < group - o; q += 2) {
+                __m512 w0 = slot_weights(columns, o + q, a, m[q]), w1 = slot_weights(columns, o + q + 1, a, m[q + 1]);
+                for (int b = 0; b < B; b++) {
+                    acc[b] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb + b * stride + q * 16), acc[b]);
+                    odd[b] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + b * stride + q * 16 + 16), odd[b]);
+                }
+            }
+            for (; q < group; q++) {
+                __m512 w = q < group - o ? slot_weights(columns, o + q, a, m[q])
+                                         : slot_weights(columns, o + q - group, next, m[q]);
+                for (int b = 0; b < B; b++)
+                    acc[b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xb + b * stride + q * 16), acc[b]);
+            }
+        }
+        for (int b = 0; b < B; b++)
+            y[b * rows + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[b], odd[b])) * row_scale[r];
+    }
+}
+
+/* y = x W^T through the slot layout, x and y float32, batch rows of x at most SL_MAX_BATCH at a time. Returns 0,
+ * or -1 when the laid-out x cannot be allocated. */
+static int vq_slot_matmul(const SlLayer *l, const float *x, int64_t batch, float *y, int threads) {
+    const int64_t rows = l->rows, cols = l->cols, group = l->group, blocks = slot_blocks(cols, group);
+    const int64_t stride = blocks * group * 16, block_rows = batch < SL_MAX_BATCH ? batch : SL_MAX_BATCH;
+    float stack[SL_STACK_FLOATS];
+    float *xs = stride * block_rows <= SL_STACK_FLOATS ? stack : (float *)malloc(sizeof(float) * stride * block_rows);
+    if (xs == NULL) return -1;
+    /* a slot weight costs about a fifth of a signmag one (measured): small layers stay on one thread */
+    const int team = threads_for(rows * cols * block_rows / 4, threads);
+    for (int64_t b0 = 0; b0 < batch; b0 += SL_MAX_BATCH) {
+        const int64_t n = batch - b0 < SL_MAX_BATCH ? batch - b0 : SL_MAX_BATCH;
+        for (int64_t b = 0; b < n; b++)  /* xs[b][block][q][j] = x[b, (16 * block + j) * group + q] (0 past cols) */
+            for (int64_t block = 0; block < blocks; block++)
+                for (int64_t j = 0; j < 16; j++)
+                    for (int64_t q = 0, c = (16 * block + j) * group; q < group; q++, c++)
+                        xs[b * stride + (block * group + q) * 16 + j] = c < cols ? x[(b0 + b) * cols + c] : 0.0f;
+        float *yb = y + b0 * rows;
+        const int64_t chunk = (rows + team - 1) / team;
+#pragma omp parallel for schedule(static) num_threads(team)
+        for (int t = 0; t < team; t++) {
+            const int64_t first = t * chunk, count = rows - first < chunk ? rows - first : chunk;
+            if (count <= 0) continue;
+            switch (n) {
+            case 1: vq_slot_rows(1, l, xs, stride, first, count, yb); break;
+            case 2: vq_slot_rows(2, l, xs, stride, first, count, yb); break;
+            case 3: vq_slot_rows(3, l, xs, stride, first, count, yb); break;
+            default: vq_slot_rows(4, l, xs, stride, first, count, yb);
+            }
+        }
+    }
+    if (xs != stack) free(xs);
+    return 0;
+}
+#endif
 
 static inline float bf16_to_float(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
@@ -512,7 +700,6 @@ static inline uint16_t float_to_bf16(float value) {  /* round to nearest even, a
     return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1)) >> 16);
 }
 
-#define SL_STACK_FLOATS 4096  /* activations up to this size are converted on the stack, not in a malloc'd buffer */
 
 /* y = x W^T, x: batch x cols and y: batch x rows, both float32 (dtype 0) or bfloat16 (dtype 1; read and written
  * directly, so a bf16 model's activations need no cast op on either side). Returns 0, or -1 when a buffer cannot be
@@ -540,9 +727,18 @@ int sl_matmul(const SlLayer *l, const void *x, int64_t batch, void *y, int dtype
                           l->codes, l->codes_len, (int)l->width, l->group, l->table, (const uint16_t *)l->scales,
                           l->signs, yf + b0 * rows, threads);
     } else {
+#if SL_SIMD
+        if (l->slots != NULL) {
+            status = vq_slot_matmul(l, xf, batch, yf, threads);
+            goto convert;
+        }
+#endif
         status = vq_rows(0, rows, rows, cols, l->codes, l->codes_len, (int)l->width, l->group, l->table,
                          (const float *)l->scales, l->signs, xf, batch, yf, threads);
     }
+#if SL_SIMD
+convert:
+#endif
     if (dtype == 1 && status == 0)
         for (int64_t i = 0; i < batch * rows; i++) ((uint16_t *)y)[i] = float_to_bf16(yf[i]);
 done:
