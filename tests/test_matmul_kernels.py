@@ -113,6 +113,8 @@ def test_slot_layout_equals_the_decode_path(rows, cols, width, group):
     plain = dataclasses.replace(ops, lay_out=False)
     lib = native.library()
     ops.address()
+    assert ops._slots is None  # an embedding's lookups never build it
+    ops.product_address()
     assert ops._slots is not None and plain.layout_tensors() == []
     weight = matmul.reference_rows(ops, 0, rows)
     for batch in (1, 4, 6):
@@ -131,7 +133,7 @@ def test_slot_layout_only_where_the_lanes_are_used():
     for kind, rows, cols, width, group in ((matmul.VQ, 4, 128, 2, 28), (matmul.VQ, 4, 128, 5, 8),
                                            (matmul.SIGNMAG, 4, 128, 2, 32)):
         ops = random_operands(kind, rows, cols, width, group, 0)
-        ops.address()
+        ops.product_address()
         assert ops.layout_tensors() == []
 
 

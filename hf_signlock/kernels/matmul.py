@@ -53,26 +53,36 @@ class Operands:
     lay_out: bool = True
     _native: native.Layer | None = field(default=None, init=False, repr=False)
     _native_address: int = field(default=0, init=False, repr=False)
+    _product_address: int = field(default=0, init=False, repr=False)
     _slots: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def address(self) -> int:
         """The address of this layer's ``native.Layer`` (built on first use; it points into these tensors, which
-        this object keeps alive). With ``lay_out`` (operands kept for a layer's lifetime, not made for one call), a
-        vq layer whose codebook has at most 16 codewords also gets the kernels' slot layout (the codebook
-        transposed, the signs regrouped by slot: about as many bytes as the packed signs), which makes its
-        matrix-vector product several times faster."""
+        this object keeps alive)."""
         if self._native is None:
-            layer = native.Layer(self.kind, self.rows, self.cols, self.codes.numel(), self.width, self.group,
-                                 self.table.shape[0], self.codes.data_ptr(), self.table.data_ptr(),
-                                 self.scales.data_ptr(), self.signs.data_ptr(), None)
-            lib = native.library()
-            size = lib.sl_vq_slots_bytes(ctypes.addressof(layer)) if self.lay_out and lib is not None else 0
-            if size > 0:
-                self._slots = torch.empty(size, dtype=torch.uint8)
-                lib.sl_vq_slots_build(ctypes.addressof(layer), self._slots.data_ptr())
-                layer.slots = self._slots.data_ptr()
-            self._native, self._native_address = layer, ctypes.addressof(layer)
+            self._native = native.Layer(self.kind, self.rows, self.cols, self.codes.numel(), self.width, self.group,
+                                        self.table.shape[0], self.codes.data_ptr(), self.table.data_ptr(),
+                                        self.scales.data_ptr(), self.signs.data_ptr(), None)
+            self._native_address = ctypes.addressof(self._native)
         return self._native_address
+
+    def product_address(self) -> int:
+        """``address()``, for the matrix-vector product: with ``lay_out`` (operands kept for a layer's lifetime,
+        not made for one call), a vq layer whose codebook has at most 16 codewords first gets the kernels' slot
+        layout (the codebook transposed, the signs regrouped by slot: about as many bytes as the packed signs),
+        which makes its product several times faster. Built on the first product, so that an embedding only ever
+        looked up never holds it."""
+        if self._product_address:
+            return self._product_address
+        address = self.address()
+        lib = native.library()
+        size = lib.sl_vq_slots_bytes(address) if self.lay_out and lib is not None else 0
+        if size > 0:
+            self._slots = torch.empty(size, dtype=torch.uint8)
+            lib.sl_vq_slots_build(address, self._slots.data_ptr())
+            self._native.slots = self._slots.data_ptr()
+        self._product_address = address
+        return address
 
     def layout_tensors(self) -> list[torch.Tensor]:
         """The tensors the kernels' own layout added (for memory accounting)."""
@@ -87,7 +97,7 @@ def small_batch(x: torch.Tensor, ops: Operands, lib) -> torch.Tensor:
     matrix-vector kernel. Generation's path, once per layer and token: kept to the product's own work (one output
     allocation, one call), as every microsecond here is paid about 200 times a token by a small model."""
     y = x.new_empty((*x.shape[:-1], ops.rows))  # new_empty: a microsecond less than torch.empty
-    if lib.sl_matmul(ops.address(), x.data_ptr(), x.numel() // ops.cols, y.data_ptr(), _DTYPE_CODES[x.dtype],
+    if lib.sl_matmul(ops.product_address(), x.data_ptr(), x.numel() // ops.cols, y.data_ptr(), _DTYPE_CODES[x.dtype],
                      native.threads()):
         raise MemoryError(f"the kernels could not allocate {x.numel() // ops.cols} x {max(ops.rows, ops.cols)} "
                           "floats")
