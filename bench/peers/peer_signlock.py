@@ -1,0 +1,58 @@
+"""hf_signlock's points: ``hf-signlock export`` of the dense folder (``signmag`` codes, signs packed at 1 bit), at
+3.25 and 4.25 bits per target weight, with and without refinement; and a fine-tune stored against its base.
+
+Points: ``signmag-3.25``, ``signmag-4.25``, ``signmag-3.25-refine`` (``--refine_steps 20``), ``finetune-base``
+(needs the protocol's ``finetune``: a run fine-tuned from the model; its signs are stored as flips against it).
+Calibration is the export's default, the driver's calibration windows: 64 x 256 tokens of the training text.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from common import emit, file_fields, folder_bytes, guarded, log, measure_loaded, read_protocol
+
+POINTS = {"signmag-3.25": {"bits_per_weight": 3.25}, "signmag-4.25": {"bits_per_weight": 4.25},
+          "signmag-3.25-refine": {"bits_per_weight": 3.25, "refine_steps": 20},
+          "finetune-base": {"bits_per_weight": 2.3, "finetune": True}}
+
+
+def export_point(protocol: dict, out: Path, name: str) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    import hf_signlock
+    from hf_signlock.quantization.export import export_run
+
+    settings = dict(POINTS[name])
+    source = protocol["model"]
+    kwargs = {"codec": "signmag", "sign_source": "packed"}
+    if settings.pop("finetune", False):
+        if not protocol.get("finetune"):
+            raise FileNotFoundError("no fine-tune in the protocol (run.py --finetune FOLDER)")
+        source, kwargs = protocol["finetune"], {"codec": "signmag", "base_model": protocol["model"]}
+    folder = out / name
+    log(f"hf_signlock {name}: export")
+    start = time.perf_counter()
+    report = export_run(source, folder, overwrite=True, **kwargs, **settings)
+    quantize_s = time.perf_counter() - start
+    loading = {}
+    if "base_model" in kwargs:  # the bench names the base it exported against (loading never follows the config out)
+        loading["quantization_config"] = hf_signlock.SignLockConfig(base_model=protocol["model"])
+    fields = measure_loaded(lambda: AutoModelForCausalLM.from_pretrained(folder, **loading).eval(), protocol)
+    target_bits = report["bpw"] * protocol["target_weights"]
+    return {**fields, **file_fields(protocol, folder_bytes(folder), target_bits), "quantize_s": quantize_s,
+            "detail": f"{report['codec']}, signs {report['sign_source']}, "
+                      f"{json.dumps(report.get('codec_params') or {})}"}
+
+
+def main(argv: list[str]) -> None:
+    protocol, out = read_protocol(argv[0]), Path(argv[1])
+    points = argv[2:] or list(POINTS)
+    emit([guarded("hf_signlock", name, lambda name=name: export_point(protocol, out, name)) for name in points])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
