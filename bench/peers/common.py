@@ -124,3 +124,26 @@ def guarded(tool: str, method: str, work) -> dict:
     except Exception as error:  # noqa: BLE001 (a peer that fails is a row of the table, not the end of the run)
         log(f"{tool} {method}: {type(error).__name__}: {error}")
         return row(tool, method, error=f"{type(error).__name__}: {error}"[:500])
+
+
+def saved_target_bits(folder: str | Path, skip: tuple[str, ...] = ()) -> int:
+    """Bits of every tensor saved in ``folder``'s safetensors that belongs to a target projection (names ending in
+    ``skip`` left out: bookkeeping a tool stores beside the weights)."""
+    from safetensors import safe_open
+
+    bits = 0
+    for path in Path(folder).glob("*.safetensors"):
+        with safe_open(path, "pt") as tensors:
+            for key in tensors.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if is_target(key) and not key.endswith(skip or ("\0",)):
+                    tensor = tensors.get_tensor(key)
+                    bits += 8 * tensor.numel() * tensor.element_size()
+    return bits
+
+
+def run_points(tool: str, points, measure) -> None:
+    """A peer script's main: ``PROTOCOL OUT_DIR [POINT ...]`` from the command line (no points: all of
+    ``points``), ``measure(protocol, out, point)`` for each, the rows printed for the driver."""
+    protocol, out = read_protocol(sys.argv[1]), Path(sys.argv[2])
+    chosen = sys.argv[3:] or list(points)
+    emit([guarded(tool, name, lambda name=name: measure(protocol, out, name)) for name in chosen])

@@ -10,27 +10,12 @@ Points: ``nf4``, ``nf4-double``.
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 
-from common import emit, file_fields, folder_bytes, guarded, is_target, log, measure_loaded, read_protocol
+from common import file_fields, folder_bytes, log, measure_loaded, run_points, saved_target_bits
 
 POINTS = {"nf4": False, "nf4-double": True}
-
-
-def saved_target_bits(folder: Path) -> int:
-    """Bits of every saved tensor that belongs to a target projection."""
-    from safetensors import safe_open
-
-    bits = 0
-    for path in folder.glob("*.safetensors"):
-        with safe_open(path, "pt") as tensors:
-            for key in tensors.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                if is_target(key):
-                    tensor = tensors.get_tensor(key)
-                    bits += 8 * tensor.numel() * tensor.element_size()
-    return bits
 
 
 def point(protocol: dict, out: Path, name: str) -> dict:
@@ -55,11 +40,5 @@ def point(protocol: dict, out: Path, name: str) -> dict:
             "quantize_s": quantize_s, "detail": "NF4, blocks of 64" + (", double quant" if POINTS[name] else "")}
 
 
-def main(argv: list[str]) -> None:
-    protocol, out = read_protocol(argv[0]), Path(argv[1])
-    points = argv[2:] or list(POINTS)
-    emit([guarded("bitsandbytes", name, lambda name=name: point(protocol, out, name)) for name in points])
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_points("bitsandbytes", POINTS, point)

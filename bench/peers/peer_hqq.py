@@ -12,11 +12,10 @@ Points: ``4bit-g64``, ``3bit-g64``, ``2bit-g64``.
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 
-from common import emit, file_fields, folder_bytes, guarded, log, measure_loaded, read_protocol
+from common import file_fields, folder_bytes, log, measure_loaded, run_points
 
 POINTS = {"4bit-g64": 4, "3bit-g64": 3, "2bit-g64": 2}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
@@ -70,11 +69,5 @@ def point(protocol: dict, out: Path, name: str) -> dict:
             "detail": f"{POINTS[name]}-bit codes, group 64, bf16 scale and zero"}
 
 
-def main(argv: list[str]) -> None:
-    protocol, out = read_protocol(argv[0]), Path(argv[1])
-    points = argv[2:] or list(POINTS)
-    emit([guarded("hqq", name, lambda name=name: point(protocol, out, name)) for name in points])
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_points("hqq", POINTS, point)

@@ -13,27 +13,12 @@ Points: ``W4A16-g64``, ``W3A16-g64``, ``W4A16-g128``.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
-from common import emit, file_fields, folder_bytes, guarded, is_target, log, measure_loaded, read_protocol
+from common import file_fields, folder_bytes, log, measure_loaded, run_points, saved_target_bits
 
 POINTS = {"W4A16-g64": (4, 64), "W3A16-g64": (3, 64), "W4A16-g128": (4, 128)}
-
-
-def saved_target_bits(folder: Path) -> int:
-    """Bits of the target projections' saved tensors (packed codes, scales; zero points where written)."""
-    from safetensors import safe_open
-
-    bits = 0
-    for path in folder.glob("*.safetensors"):
-        with safe_open(path, "pt") as tensors:
-            for key in tensors.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                if is_target(key) and not key.endswith("weight_shape"):
-                    tensor = tensors.get_tensor(key)
-                    bits += 8 * tensor.numel() * tensor.element_size()
-    return bits
 
 
 def recipe(bits: int, group: int):
@@ -70,18 +55,12 @@ def point(protocol: dict, out: Path, name: str) -> dict:
     quantize_s = time.perf_counter() - start
     del model
     fields = measure_loaded(lambda: AutoModelForCausalLM.from_pretrained(folder).eval(), protocol)
-    return {**fields, **file_fields(protocol, folder_bytes(folder), saved_target_bits(folder)),
+    return {**fields, **file_fields(protocol, folder_bytes(folder), saved_target_bits(folder, skip=("weight_shape",))),
             "quantize_s": quantize_s,
             "detail": f"int{bits} symmetric, group {group}, bf16 scales; loaded dense (decompressed)"}
 
 
-def main(argv: list[str]) -> None:
+if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    protocol, out = read_protocol(argv[0]), Path(argv[1])
-    points = argv[2:] or list(POINTS)
-    emit([guarded("llm-compressor", name, lambda name=name: point(protocol, out, name)) for name in points])
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_points("llm-compressor", POINTS, point)

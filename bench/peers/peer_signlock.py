@@ -9,11 +9,10 @@ Calibration is the export's default, the driver's calibration windows: 64 x 256 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
-from common import emit, file_fields, folder_bytes, guarded, log, measure_loaded, read_protocol
+from common import file_fields, folder_bytes, log, measure_loaded, run_points
 
 POINTS = {"signmag-3.25": {"bits_per_weight": 3.25}, "signmag-4.25": {"bits_per_weight": 4.25},
           "signmag-3.25-refine": {"bits_per_weight": 3.25, "refine_steps": 20},
@@ -48,11 +47,5 @@ def export_point(protocol: dict, out: Path, name: str) -> dict:
                       f"{json.dumps(report.get('codec_params') or {})}"}
 
 
-def main(argv: list[str]) -> None:
-    protocol, out = read_protocol(argv[0]), Path(argv[1])
-    points = argv[2:] or list(POINTS)
-    emit([guarded("hf_signlock", name, lambda name=name: export_point(protocol, out, name)) for name in points])
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_points("hf_signlock", POINTS, export_point)
