@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(HERE))
-from common import TARGET_SUFFIXES, log, row
+from common import log, row
 from envs import REQUIREMENTS, PeerInstallError, python_for
 
 SCRIPTS = {"hf_signlock": "peer_signlock.py", "llama.cpp": "peer_llama_cpp.py", "hqq": "peer_hqq.py",
@@ -51,6 +51,7 @@ def write_protocol(args, work: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_signlock.quantization.calibration import CalibrationArguments, calibration_windows
+    from hf_signlock.targets import find_target_modules
     from hf_signlock.text import resolve_eval_text
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -59,7 +60,7 @@ def write_protocol(args, work: Path) -> dict:
     calibration = calibration_windows(tokenizer, CalibrationArguments(samples=args.calibration_samples),
                                       args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    targets = [m for name, m in model.named_modules() if name.split(".")[-1] in TARGET_SUFFIXES]
+    targets = find_target_modules(model).values()  # the projections every export compresses
     protocol = {"model": str(Path(args.model).resolve()), "finetune": args.finetune, "threads": args.threads,
                 "eval_ids": held_out.input_ids.tolist(), "eval_text": held_out.description,
                 "calibration": calibration.tolist(), "window": WINDOW, "stride": STRIDE,

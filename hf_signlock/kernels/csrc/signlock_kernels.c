@@ -726,19 +726,14 @@ int sl_matmul(const SlLayer *l, const void *x, int64_t batch, void *y, int dtype
             signmag_block(xf + b0 * cols, batch - b0 < SL_MAX_BATCH ? batch - b0 : SL_MAX_BATCH, rows, cols,
                           l->codes, l->codes_len, (int)l->width, l->group, l->table, (const uint16_t *)l->scales,
                           l->signs, yf + b0 * rows, threads);
-    } else {
 #if SL_SIMD
-        if (l->slots != NULL) {
-            status = vq_slot_matmul(l, xf, batch, yf, threads);
-            goto convert;
-        }
+    } else if (l->slots != NULL) {  /* set only where sl_vq_slots_bytes applies: a SIMD build */
+        status = vq_slot_matmul(l, xf, batch, yf, threads);
 #endif
+    } else {
         status = vq_rows(0, rows, rows, cols, l->codes, l->codes_len, (int)l->width, l->group, l->table,
                          (const float *)l->scales, l->signs, xf, batch, yf, threads);
     }
-#if SL_SIMD
-convert:
-#endif
     if (dtype == 1 && status == 0)
         for (int64_t i = 0; i < batch * rows; i++) ((uint16_t *)y)[i] = float_to_bf16(yf[i]);
 done:
