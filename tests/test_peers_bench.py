@@ -5,7 +5,8 @@ The tiny model is a 2-layer Llama with SmolLM2's tokenizer (llama.cpp's converte
 checks the row it writes: bits per target weight and per parameter from the files, a finite perplexity, a speed.
 Peers that need their own environment install it once into the cache (``bench/peers/envs.py``), a few minutes the
 first time. llama.cpp needs its sources and a 15-minute build: it runs only where ``HF_SIGNLOCK_LLAMA_CPP_SRC``
-names them (``bench/llama_cpp_tools.py`` says how to get them); elsewhere it is skipped with that reason.
+names them (``bench/llama_cpp_tools.py`` says how to get them; ``HF_SIGNLOCK_LLAMA_CPP_BUILD`` names a build folder to
+reuse); elsewhere it is skipped with that reason.
 """
 
 from __future__ import annotations
@@ -89,9 +90,12 @@ def test_llm_compressor(tiny_model, tmp_path):
 @pytest.mark.skipif(not os.environ.get("HF_SIGNLOCK_LLAMA_CPP_SRC"),
                     reason="llama.cpp needs its sources (HF_SIGNLOCK_LLAMA_CPP_SRC) and a 15-minute build")
 def test_llama_cpp(tiny_model, tmp_path):
-    extra = ["--llama-cpp-src", os.environ["HF_SIGNLOCK_LLAMA_CPP_SRC"]]
-    if os.environ.get("HF_SIGNLOCK_LLAMA_CPP_DEPS"):
-        extra += ["--llama-cpp-deps", os.environ["HF_SIGNLOCK_LLAMA_CPP_DEPS"]]
+    # --tokens 1024: llama-perplexity wants two 256-token chunks of the text once its tokenizer has read it again
+    extra = ["--llama-cpp-src", os.environ["HF_SIGNLOCK_LLAMA_CPP_SRC"], "--tokens", "1024"]
+    for variable, option in (("HF_SIGNLOCK_LLAMA_CPP_DEPS", "--llama-cpp-deps"),
+                             ("HF_SIGNLOCK_LLAMA_CPP_BUILD", "--llama-cpp-build")):  # a build to reuse
+        if os.environ.get(variable):
+            extra += [option, os.environ[variable]]
     row = run_driver(tiny_model, tmp_path, "llama.cpp", "Q4_K_M", *extra)
     check_row(row, (4.0, 9.0))  # 64-wide rows fall back from the k-quants to other types: reported, not fixed
     assert row["perplexity_llama_cpp"] > 1
