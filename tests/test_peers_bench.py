@@ -68,6 +68,7 @@ def check_row(row: dict, bpw_range: tuple[float, float]) -> None:
 def test_hf_signlock(tiny_model, tmp_path):
     row = run_driver(tiny_model, tmp_path, "hf_signlock", "signmag-3.25")
     check_row(row, (2.5, 3.3))  # its budget counts every byte of the layers' records
+    assert "-bit codes / group" in row["detail"] and "embedding" in row["detail"]
 
 
 def test_hqq(tiny_model, tmp_path):
