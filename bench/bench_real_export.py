@@ -1,19 +1,17 @@
-"""Compressing a real pretrained LM: SmolLM2-135M (and a fine-tune of it) at equal total bits, in one run.
+"""Compressing a real pretrained LM: SmolLM2-135M (and a fine-tune of it) at several total bits, in one run.
 
-Methods, all on the 210 q/k/v/o/gate/up/down projections, all with the SAME calibration windows (64 x 256 tokens of
-the built-in corpus' training split, ``CalibrationArguments()``, the export's default) and the same Hessians:
+The comparison with the tools users pick instead (llama.cpp, HQQ, llm-compressor's GPTQ, bitsandbytes) is
+``bench/peers/``, each tool from its own package; this bench follows the product's own path in detail. Rows, all on
+the 210 q/k/v/o/gate/up/down projections, all from the same calibration windows (64 x 256 tokens of the built-in
+corpus' training split, ``CalibrationArguments()``, the export's default) and the same Hessians:
 
-- ``rtn``: round-to-nearest, asymmetric b-bit min/max grid per group, fp16 scale + zero, clipping search
-  (``bench/baselines.py``); signs free.
-- ``gptq``: the same grid with GPTQ's error feedback (``bench/baselines.py``); signs free.
 - ``signlock packed``: ``hf-signlock export``'s path: 1-bit packed signs + the ``signmag`` codec, calibrated.
 - ``signlock base``: the fine-tune, its signs stored as flips against the base model's (``sign_source="base"``).
 
-Total bits per target weight: the baselines count their codes and fp16 tables (the group is the smallest that fits
-the budget, as ``signmag`` chooses its own); the SignLock rows are ``bpw.json`` of the written checkpoint: every
-byte counted (headers, records, levels, bias). Held-out text: the first ``--tokens`` tokens of the corpus'
-held-out split (never calibration text), sliding windows of 256 with stride 128. Perplexity of the SignLock rows
-is taken after ``from_pretrained`` of the written export (the round trip is part of the measurement).
+Total bits per target weight: ``bpw.json`` of the written checkpoint, every byte counted (headers, records, levels,
+bias). Held-out text: the first ``--tokens`` tokens of the corpus' held-out split (never calibration text), sliding
+windows of 256 with stride 128. Perplexity is taken after ``from_pretrained`` of the written export (the round trip
+is part of the measurement).
 
 Also timed: the export itself through ``export_run`` (calibration + coding + save, and refinement when
 ``--refine-steps``), and ``from_pretrained`` of the export against that of the dense folder (alternated, medians):
@@ -27,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import subprocess
@@ -37,7 +34,6 @@ import time
 from pathlib import Path
 
 import torch
-from baselines import AsymmetricGrid, gptq, group_for, round_to_nearest
 from timing import paired_seconds
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
@@ -62,29 +58,6 @@ def log(message: str) -> None:
 def perplexity(model, ids) -> float:
     with torch.no_grad():
         return sliding_window_perplexity(model, ids, window=256, stride=128)["perplexity"]
-
-
-def baseline_row(kind: str, folder, budget: float, hessians, ids) -> dict:
-    """RTN or GPTQ at ``budget`` bits a weight, on a fresh copy of the dense model."""
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    bits = math.floor(budget - 0.2)
-    grid = AsymmetricGrid(bits)
-    stored = weights = 0
-    start = time.perf_counter()
-    with torch.no_grad():
-        for name, module in logging.tqdm(find_target_modules(model).items(), desc=f"{kind} {budget}", unit="layer"):
-            weight = module.weight.float()
-            group = group_for(weight.shape[1], bits, budget)
-            if kind == "rtn":
-                quantized = round_to_nearest(weight, grid, group)
-            else:
-                quantized = gptq(weight, hessians[f"{name}.weight"], grid, group)
-            module.weight.copy_(quantized)
-            stored += weight.numel() * bits + 32 * weight.shape[0] * -(-weight.shape[1] // group)
-            weights += weight.numel()
-    seconds = time.perf_counter() - start
-    return {"method": kind, "budget": budget, "bpw": stored / weights, "perplexity": perplexity(model, ids),
-            "seconds": round(seconds, 1), "codes": f"{bits}-bit, asymmetric, per group"}
 
 
 def signlock_row(folder, budget: float, hessians, ids, out: Path) -> dict:
@@ -240,9 +213,6 @@ def main(argv=None):
     log(f"calibration: {tuple(windows.shape)} tokens, Hessians in {hessian_s:.0f} s")
     work = Path(tempfile.mkdtemp(prefix="real_export_"))
     for budget in budgets:
-        for kind in ("rtn", "gptq"):
-            rows.append(baseline_row(kind, folder, budget, hessians, held_out.input_ids))
-            log(f"  {rows[-1]}")
         rows.append(signlock_row(folder, budget, hessians, held_out.input_ids, work / f"packed-{budget}"))
         log(f"  {rows[-1]}")
     del hessians
@@ -295,11 +265,11 @@ def write(result: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     timings = result["timings"]
-    lines = ["# SmolLM2-135M at equal total bits: RTN, GPTQ and SignLock", "",
-             (f"Held-out: {result['held_out']} (window 256, stride 128). Calibration, the same for every method: "
+    lines = ["# SmolLM2-135M through hf-signlock's export (the peers' tools: bench/peers)", "",
+             (f"Held-out: {result['held_out']} (window 256, stride 128). Calibration, the same for every row: "
              f"{result['calibration']['samples']} x {result['calibration']['sequence_length']} tokens of "
              f"{result['calibration']['dataset']}, {result['calibration']['split']} split. bpw: total bits per "
-             "target weight (SignLock: every byte of the written checkpoint; baselines: codes and fp16 tables)."), "",
+             "target weight, every byte of the written checkpoint."), "",
              "| method | budget | bpw | perplexity | x dense | codes | seconds |", "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['method']} | {r['budget'] or ''} | {r['bpw']:.3f} | {r['perplexity']:.2f} | "
@@ -336,8 +306,7 @@ def plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     rows = result["rows"]
-    for method, marker in (("rtn", "s"), ("gptq", "^"), ("signlock packed", "o"), ("fine-tune signlock packed", "D"),
-                           ("fine-tune signlock base", "*")):
+    for method, marker in (("signlock packed", "o"), ("fine-tune signlock packed", "D"), ("fine-tune signlock base", "*")):
         points = sorted((r["bpw"], r["perplexity"]) for r in rows if r["method"] == method)
         if points:
             ax.plot(*zip(*points), marker=marker, label=method)
