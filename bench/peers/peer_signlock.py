@@ -7,7 +7,8 @@ the embedding in bf16 as the peers do (they quantize linear layers only), so tha
 the same tensors are compressed on both sides.
 
 Points: ``signmag-3.25``, ``signmag-4.25``, ``signmag-3.25-proj``, ``signmag-4.25-proj``,
-``signmag-3.25-proj-refine`` (``--refine_steps 20``), ``finetune-base`` (needs the protocol's ``finetune``: a run
+``signmag-3.25-proj-refine`` (``--refine_steps 20 --refine_loss teacher``: 20 steps towards the dense model's
+outputs on the calibration text), ``finetune-base`` (needs the protocol's ``finetune``: a run
 fine-tuned from the model; its signs are stored as flips against it). Calibration is the export's default, the
 driver's calibration windows: 64 x 256 tokens of the training text.
 """
@@ -22,7 +23,8 @@ from common import file_fields, folder_bytes, log, measure_loaded, run_points
 POINTS = {"signmag-3.25": {"bits_per_weight": 3.25}, "signmag-4.25": {"bits_per_weight": 4.25},
           "signmag-3.25-proj": {"bits_per_weight": 3.25, "target_embeddings": False},
           "signmag-4.25-proj": {"bits_per_weight": 4.25, "target_embeddings": False},
-          "signmag-3.25-proj-refine": {"bits_per_weight": 3.25, "target_embeddings": False, "refine_steps": 20},
+          "signmag-3.25-proj-refine": {"bits_per_weight": 3.25, "target_embeddings": False, "refine_steps": 20,
+                                       "refine_loss": "teacher"},
           "finetune-base": {"bits_per_weight": 2.3, "finetune": True}}
 
 

@@ -24,6 +24,7 @@ distribution, see ``bench/llama_cpp_tools.py``); without ``--llama-cpp-src`` its
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -90,6 +91,25 @@ def dense_rows(protocol: dict) -> list[dict]:
     return rows
 
 
+def protocol_checksum(protocol: dict) -> str:
+    """What makes two runs' rows comparable: the model, the held-out ids, the calibration and the windows."""
+    keys = ("model", "eval_ids", "calibration", "window", "stride", "threads")
+    return hashlib.sha256(json.dumps([protocol[key] for key in keys]).encode()).hexdigest()[:16]
+
+
+def merged(path: Path, protocol: dict, rows: list[dict], runs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The rows already at ``path`` with this run's in place of those it measured again (appended if new)."""
+    if not path.exists():
+        return rows, runs
+    previous = json.loads(path.read_text())
+    if previous.get("meta", {}).get("protocol_checksum") != protocol_checksum(protocol):
+        raise SystemExit(f"--merge: {path} was measured with another protocol (model, text, calibration or "
+                         "windows); rerun every peer instead")
+    fresh = {(r["tool"], r["method"]): r for r in rows}
+    kept = [fresh.pop((r["tool"], r["method"]), r) for r in previous["rows"]]
+    return kept + list(fresh.values()), previous["meta"].get("runs", []) + runs
+
+
 def run_peer(peer: str, points: list[str], work: Path) -> list[dict]:
     """One peer's rows: its script in its environment; on any failure, rows that carry the error."""
     def failed(message: str) -> list[dict]:
@@ -119,6 +139,15 @@ def run_peer(peer: str, points: list[str], work: Path) -> list[dict]:
         return failed(f"printed no rows: {done.stdout[-500:]}")
 
 
+def runs_text(meta: dict) -> str:
+    runs = meta.get("runs") or [{"seconds": meta["seconds"]}]
+    if len(runs) == 1:
+        return f"Run took {runs[0]['seconds']:.0f} s."
+    parts = [f"{run['seconds']:.0f} s ({', '.join(run['peers'])}{'; ' + run['points'] if run['points'] else ''})"
+             for run in runs]
+    return f"Runs merged (same protocol): {'; then '.join(parts)}."
+
+
 def markdown(result: dict) -> str:
     meta = result["meta"]
     lines = [
@@ -126,7 +155,7 @@ def markdown(result: dict) -> str:
         (f"Model: {meta['model_name']} ({meta['parameters']:,} parameters, {meta['target_weights']:,} in the target "
         f"projections). Held-out: {meta['eval_text']}, {meta['eval_tokens']:,} tokens, windows of {WINDOW}, stride "
         f"{STRIDE} (hf_signlock's evaluation in every environment). Calibration: {meta['calibration']}. "
-        f"{meta['threads']} threads; {meta['machine']}. Run took {meta['seconds']:.0f} s."), "",
+        f"{meta['threads']} threads; {meta['machine']}. {runs_text(meta)}"), "",
         ("target bpw: stored bits of the target projections over their weights. file bpp: every byte of the download "
         "(weights, config, tokenizer) over the dense model's parameters. ppl (llama.cpp): llama-perplexity's own "
         "chunks of the same text. tok/s: greedy generation at batch 1 (llama.cpp: llama-bench tg64; others: "
@@ -189,6 +218,9 @@ def main(argv=None) -> None:
     parser.add_argument("--work", default=str(ROOT / "runs" / "peers"))
     parser.add_argument("--results", default=str(RESULTS / "peers"), help="path stem of the .json/.md/.png")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense reference rows")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of the results already at --results (same protocol only) and replace "
+                             "those this run measures again: rerun one tool or point without the rest")
     args = parser.parse_args(argv)
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     unknown = [p for p in peers if p not in SCRIPTS]
@@ -217,6 +249,10 @@ def main(argv=None) -> None:
                                               "tools (see bench/llama_cpp_tools.py)")]
             continue
         rows += run_peer(peer, chosen.get(peer, []), work)
+    runs = [{"peers": peers, "points": args.points, "seconds": round(time.perf_counter() - started, 1)}]
+    stem = Path(args.results)
+    if args.merge:
+        rows, runs = merged(stem.with_suffix(".json"), protocol, rows, runs)
     result = {"rows": rows, "meta": {
         "model_name": Path(protocol["model"]).name, "parameters": protocol["parameters"],
         "target_weights": protocol["target_weights"], "eval_text": protocol["eval_text"],
@@ -224,8 +260,10 @@ def main(argv=None) -> None:
         "calibration": f"{len(protocol['calibration'])} x {len(protocol['calibration'][0])} tokens of the training "
                        "split (the export's default)",
         "threads": args.threads, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "environments": {peer: REQUIREMENTS[peer] for peer in peers}, "seconds": time.perf_counter() - started}}
-    stem = Path(args.results)
+        "environments": {peer: REQUIREMENTS[peer] for peer in dict.fromkeys(r["tool"] for r in rows)
+                         if peer in REQUIREMENTS},
+        "protocol_checksum": protocol_checksum(protocol), "runs": runs,
+        "seconds": sum(run["seconds"] for run in runs)}}
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     stem.with_suffix(".md").write_text(markdown(result))
