@@ -8,9 +8,11 @@ the same tensors are compressed on both sides.
 
 Points: ``signmag-3.25``, ``signmag-4.25``, ``signmag-3.25-proj``, ``signmag-4.25-proj``,
 ``signmag-3.25-proj-refine`` (``--refine_steps 20 --refine_loss teacher``: 20 steps towards the dense model's
-outputs on the calibration text), ``finetune-base`` (needs the protocol's ``finetune``: a run
-fine-tuned from the model; its signs are stored as flips against it). Calibration is the export's default, the
-driver's calibration windows: 64 x 256 tokens of the training text.
+outputs on the calibration text), ``signmag-3.25-proj-refine-lm`` (20 steps of the language-model loss on the
+calibration text: it also adapts the model to that text's domain, so it is no measure of compression alone),
+``signmag-5.25`` (the whole model at the whole-file bits of llama.cpp's Q3_K_M), ``finetune-base`` (needs the
+protocol's ``finetune``: a run fine-tuned from the model; its signs are stored as flips against it). Calibration is
+the export's default, the driver's calibration windows: 64 x 256 tokens of the training text.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ POINTS = {"signmag-3.25": {"bits_per_weight": 3.25}, "signmag-4.25": {"bits_per_
           "signmag-4.25-proj": {"bits_per_weight": 4.25, "target_embeddings": False},
           "signmag-3.25-proj-refine": {"bits_per_weight": 3.25, "target_embeddings": False, "refine_steps": 20,
                                        "refine_loss": "teacher"},
+          "signmag-3.25-proj-refine-lm": {"bits_per_weight": 3.25, "target_embeddings": False, "refine_steps": 20},
+          "signmag-5.25": {"bits_per_weight": 5.25},
           "finetune-base": {"bits_per_weight": 2.3, "finetune": True}}
 
 
