@@ -98,7 +98,7 @@ def protocol_checksum(protocol: dict) -> str:
 
 
 def merged(path: Path, protocol: dict, rows: list[dict], runs: list[dict]) -> tuple[list[dict], list[dict]]:
-    """The rows already at ``path`` with this run's in place of those it measured again (appended if new)."""
+    """The rows already at ``path`` with this run's in place of those it measured again (new ones after their tool's)."""
     if not path.exists():
         return rows, runs
     previous = json.loads(path.read_text())
@@ -107,7 +107,10 @@ def merged(path: Path, protocol: dict, rows: list[dict], runs: list[dict]) -> tu
                          "windows); rerun every peer instead")
     fresh = {(r["tool"], r["method"]): r for r in rows}
     kept = [fresh.pop((r["tool"], r["method"]), r) for r in previous["rows"]]
-    return kept + list(fresh.values()), previous["meta"].get("runs", []) + runs
+    for new in fresh.values():  # after the last row of its tool (the table stays grouped by tool), else at the end
+        last = max((i for i, r in enumerate(kept) if r["tool"] == new["tool"]), default=len(kept) - 1)
+        kept.insert(last + 1, new)
+    return kept, previous["meta"].get("runs", []) + runs
 
 
 def run_peer(peer: str, points: list[str], work: Path) -> list[dict]:
@@ -176,7 +179,24 @@ def markdown(result: dict) -> str:
                      f"{number(r.get('perplexity_llama_cpp'))} | {number(r['tokens_per_s'], 1)} | "
                      f"{number(r['quantize_s'], 1)} | {number(r['load_s'], 2)} | {number(r['resident_mib'], 0)} | "
                      f"{note.replace('|', '/')[:160]} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [""] + equal_bits(result["rows"])) + "\n"
+
+
+def equal_bits(rows: list[dict], within: float = 0.1) -> list[str]:
+    """Each hf_signlock point against every other tool's point within ``within`` bits, per target weight and per
+    parameter of the whole file: the comparisons the table's figures settle."""
+    ours = [r for r in rows if r["tool"] == "hf_signlock" and r["perplexity"]]
+    theirs = [r for r in rows if r["tool"] not in ("hf_signlock", "dense") and r["perplexity"]]
+    header = "| hf_signlock point | bits | perplexity | peers at those bits: perplexity | lower than every one |"
+    lines = [f"## At equal bits (within {within})", "", header, "|---|---|---|---|---|"]
+    for key, label in (("target_bpw", "per target weight"), ("file_bits_per_parameter", "per parameter, whole file")):
+        for r in ours:
+            near = [p for p in theirs if abs(p[key] - r[key]) <= within]
+            if near:
+                listed = "; ".join(f"{p['tool']} {p['method']} ({p[key]:.3f}): {p['perplexity']:.2f}" for p in near)
+                verdict = "yes" if all(r["perplexity"] < p["perplexity"] for p in near) else "no"
+                lines.append(f"| {r['method']} | {r[key]:.3f} {label} | {r['perplexity']:.2f} | {listed} | {verdict} |")
+    return lines
 
 
 def plot(rows: list[dict], path: Path) -> None:
