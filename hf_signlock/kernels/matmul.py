@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..quantization.format.bitpack import unpack_uint_at
-from . import native
+from . import extension, native
 
 SIGNMAG, VQ = 0, 1
 SMALL_BATCH = 16  # rows of x up to which the matrix-vector kernel beats decoding tiles for a GEMM (bench_kernels)
@@ -95,7 +95,11 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # what the kernels read an
 def small_batch(x: torch.Tensor, ops: Operands, lib) -> torch.Tensor:
     """``x W^T`` (``x``: ``[..., cols]``, float32 or bfloat16, contiguous; the result in its dtype) by the
     matrix-vector kernel. Generation's path, once per layer and token: kept to the product's own work (one output
-    allocation, one call), as every microsecond here is paid about 200 times a token by a small model."""
+    allocation, one call), as every microsecond here is paid about 200 times a token by a small model: through the
+    torch extension (which allocates the output in C++) where it built, else by ctypes."""
+    through_cpp = extension.product()
+    if through_cpp is not None:
+        return through_cpp(x, ops.product_address(), ops.rows, ops.cols, native.threads())
     y = x.new_empty((*x.shape[:-1], ops.rows))  # new_empty: a microsecond less than torch.empty
     if lib.sl_matmul(ops.product_address(), x.data_ptr(), x.numel() // ops.cols, y.data_ptr(), _DTYPE_CODES[x.dtype],
                      native.threads()):
