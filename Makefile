@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints-cpu.txt -e ".[test]"
-	$(BIN)/python -c "from hf_signlock.kernels import native; native.report()"
+	$(BIN)/python -c "from hf_signlock.kernels import extension; extension.report()"
 	touch $(STAMP)
 
 setup: $(STAMP)

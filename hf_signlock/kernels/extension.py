@@ -5,7 +5,7 @@ At batch 1 a small layer's product takes ~2 us in the kernel, and the ctypes cal
 output's ``new_empty``, argument conversion); through this extension the module's call takes ~7 us instead of
 ~10.5, which is what lets a small compressed model generate faster than its dense self (``bench/bench_decode.py``).
 Built on first use with torch's ``cpp_extension`` (about 30 s, once; cached in ``$HF_SIGNLOCK_CACHE/kernels``
-under a name that hashes the source and torch's version), or ahead of time by ``native.report()`` (``make setup``).
+under a name that hashes the source and torch's version), or ahead of time by ``report()`` (``make setup``).
 Where it cannot be built (no C++ compiler, no ninja, no Python headers) or ``HF_SIGNLOCK_TORCH_EXTENSION=0``,
 ``product()`` returns None (with one logged warning that names the cause) and the ctypes call runs: the same
 kernel, the same numbers, ~3.5 us more a call.
@@ -52,3 +52,11 @@ def product():
         logger.warning("hf_signlock: generation's product goes through ctypes (~3.5 us a call slower): its torch "
                        "extension did not build here: %s: %s", type(error).__name__, str(error)[-300:])
         return None
+
+
+def report() -> None:
+    """Build the kernels and this extension now (``make setup`` does) and say what was built."""
+    native.report()
+    if native.library() is not None:
+        print("hf_signlock generation product:", "through the torch extension" if product() is not None else
+              "through ctypes (the torch extension did not build)")

@@ -165,9 +165,6 @@ def library() -> ctypes.CDLL | None:
 
 def report() -> None:
     """Build the library now (``make setup`` does) and say what was built."""
-    from . import extension  # imports this module: imported here, not at the top
-
     lib = library()
     print("hf_signlock kernels:", "unavailable (the pure-torch path will run)" if lib is None else
-          f"built ({'AVX-512' if lib.sl_simd() else 'portable'}) in {cache_dir()}; generation's product through "
-          + ("the torch extension" if extension.product() is not None else "ctypes (no torch extension)"))
+          f"built ({'AVX-512' if lib.sl_simd() else 'portable'}) in {cache_dir()}")
