@@ -113,7 +113,7 @@ def merged(path: Path, protocol: dict, rows: list[dict], runs: list[dict]) -> tu
     return kept, previous["meta"].get("runs", []) + runs
 
 
-def run_peer(peer: str, points: list[str], work: Path) -> list[dict]:
+def run_peer(peer: str, points: list[str], work: Path, threads: int) -> list[dict]:
     """One peer's rows: its script in its environment; on any failure, rows that carry the error."""
     def failed(message: str) -> list[dict]:
         return [row(peer, point, error=message[-800:]) for point in (points or ["(all)"])]
@@ -125,7 +125,7 @@ def run_peer(peer: str, points: list[str], work: Path) -> list[dict]:
         return failed(f"did not install here: {error}")
     out = work / peer
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)]), "OMP_NUM_THREADS": "2",
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)]), "OMP_NUM_THREADS": str(threads),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     log(f"{peer}: running {SCRIPTS[peer]} {' '.join(points)}")
     try:  # progress goes to our stderr as it comes; the rows are the last line of stdout
@@ -268,7 +268,7 @@ def main(argv=None) -> None:
             rows += [row(peer, "(all)", error="no --llama-cpp-src: llama.cpp's sources are needed to build its "
                                               "tools (see bench/llama_cpp_tools.py)")]
             continue
-        rows += run_peer(peer, chosen.get(peer, []), work)
+        rows += run_peer(peer, chosen.get(peer, []), work, args.threads)
     runs = [{"peers": peers, "points": args.points, "seconds": round(time.perf_counter() - started, 1)}]
     stem = Path(args.results)
     if args.merge:
