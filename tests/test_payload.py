@@ -3,8 +3,8 @@
 import torch
 
 from hf_signlock import SignLockConfig, quantize_model
-from hf_signlock.quantization.linear import SignLockLinear
 from hf_signlock.quantization.format.payload import payload_layout
+from hf_signlock.quantization.linear import SignLockLinear
 
 
 def test_layout_puts_wide_elements_first_without_padding():
@@ -30,7 +30,7 @@ def test_views_survive_a_payload_that_starts_unaligned():
     before = {name: t.clone() for name, t in layer.stored_tensors().items()}
     shifted = torch.zeros(layer.payload.numel() + 1, dtype=torch.uint8)
     shifted[1:] = layer.payload
-    layer.payload = shifted[1:]  # as a loader may hand it over: a view at an odd byte offset
+    layer.payload = torch.nn.Parameter(shifted[1:], requires_grad=False)  # as a loader may hand it over: at an odd byte offset
     for name, tensor in layer.stored_tensors().items():
         assert torch.equal(tensor, before[name])
     assert layer.payload.storage_offset() % 8 == 0  # realigned once, so later views need no copy

@@ -68,7 +68,10 @@ class CompressedWeight(nn.Module):
         if size > _max_stored_bytes(numel):  # checked before anything is allocated (record values may be crafted)
             raise CorruptCheckpointError(f"{param_name}: its record ({self.codec_params}) gives a {size:,}-byte "
                                          f"payload for {numel:,} weights; no codec stores that much")
-        self.register_buffer("payload", torch.zeros(size, dtype=torch.uint8, device=device), persistent=True)
+        # A frozen uint8 parameter (as bitsandbytes' packed weights and AQLM's codes are), not a buffer: transformers'
+        # `model.device` is the first parameter's device, and generation asks for it twice a token; with payload
+        # buffers the search walked past every compressed layer to the first norm weight.
+        self.payload = nn.Parameter(torch.zeros(size, dtype=torch.uint8, device=device), requires_grad=False)
         self._views = (None, {})  # (the payload they view, name -> typed view); see stored_tensors
         self._memo = (None, None)  # (key, weakref to the last decoded weight); see decoded
         self.pinned_signs = None  # refinement: int8 signs held fixed while the tables train
@@ -95,7 +98,7 @@ class CompressedWeight(nn.Module):
         writes go through ``write_stored``, in place, so the views stay current)."""
         if self._views[0] is not self.payload:
             if self.payload.storage_offset() % 8:  # a loaded payload may be a view starting at any byte
-                self.payload = self.payload.clone()
+                self.payload = nn.Parameter(self.payload.clone(), requires_grad=False)
             self._views = (self.payload, {name: self.payload[offset:offset + nbytes].view(dtype).view(shape)
                                           for name, (offset, nbytes, dtype, shape) in self.sections.items()})
         return dict(self._views[1])
@@ -162,7 +165,7 @@ class CompressedWeight(nn.Module):
     def _payload_key(self) -> tuple:
         """What changes when the payload is replaced, rewritten in place or moved (to or from the CPU): the key of
         the caches built from it."""
-        payload = self._buffers["payload"]  # not self.payload: nn.Module's attribute fallback is slow
+        payload = self._parameters["payload"]  # not self.payload: nn.Module's attribute fallback is slow
         return payload.data_ptr(), payload._version, payload.is_cpu
 
     def sign_bits(self) -> torch.Tensor:

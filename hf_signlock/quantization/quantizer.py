@@ -28,10 +28,10 @@ from ..targets import find_target_modules, tied_head
 from .base_signs import base_named_by_checkpoint, check_base_signs
 from .compressed import link_shared_tables
 from .format.guard import GUARD_KEY, check_guards, guard_keys, guard_tensors
-from .layers import check_payloads, compressed_layers, compressed_like, dequantize_layers, install
 from .format.payload import payload_key
-from .quantize import check_budget_is_possible, quantize_model
 from .format.stored import check_every_tensor, read_stored, read_tensor
+from .layers import check_payloads, compressed_layers, compressed_like, dequantize_layers, install
+from .quantize import check_budget_is_possible, quantize_model
 
 
 class SignLockHfQuantizer(HfQuantizer):
@@ -105,11 +105,11 @@ class SignLockHfQuantizer(HfQuantizer):
 
     def get_weight_conversions(self):
         """Read each compressed layer's payload from the key it is stored under (from format 7 the dense weight's
-        own name, ``<layer>.weight``) into the layer's ``payload`` buffer."""
+        own name, ``<layer>.weight``) into the layer's ``payload`` parameter."""
         from transformers.core_model_loading import WeightRenaming
 
-        return [WeightRenaming(source_patterns=re.escape(stored) + "$", target_patterns=buffer)
-                for buffer, stored in getattr(self, "_payload_keys", {}).items() if stored != buffer]
+        return [WeightRenaming(source_patterns=re.escape(stored) + "$", target_patterns=tensor)
+                for tensor, stored in getattr(self, "_payload_keys", {}).items() if stored != tensor]
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         config = self.quantization_config
