@@ -340,8 +340,11 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, family in zip(axes, ("smollm2", "quickstart")):
+    # a panel per family measured in this run (--only leaves the other one out, not empty)
+    families = [f for f in ("smollm2", "quickstart") if any(r["family"] == f and "generate_tokens_per_s" in r
+                                                            for r in rows)]
+    fig, axes = plt.subplots(1, max(len(families), 1), figsize=(5.5 * max(len(families), 1), 4.2), squeeze=False)
+    for ax, family in zip(axes[0], families):
         for row in [r for r in rows if r["family"] == family and "generate_tokens_per_s" in r]:
             gen = row["generate_tokens_per_s"]
             marker = "*" if row.get("compile") else {"compressed": "o", "dequantized": "s", "dense": "^",
