@@ -186,3 +186,9 @@ def test_decoding_on_cuda_equals_the_cpu(tmp_path, codec):
         assert torch.equal(weight.cpu(), cpu_layer.decode_weight())
     dense = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cuda")
     assert torch.allclose(dense(IDS.cuda()).logits.cpu(), on_cpu(IDS).logits, atol=1e-4)
+    # Kept compressed on the GPU (no CPU kernel there: the decode-then-matmul path) the logits and greedy tokens
+    # are the CPU kernels' to float rounding.
+    with torch.no_grad():
+        assert torch.allclose(on_gpu(IDS.cuda()).logits.cpu(), on_cpu(IDS).logits, atol=1e-4)
+        tokens = {"max_new_tokens": 8, "do_sample": False}
+        assert torch.equal(on_gpu.generate(IDS.cuda(), **tokens).cpu(), on_cpu.generate(IDS, **tokens))

@@ -7,7 +7,9 @@ memory: the codes and scales inside the payload, the level table or codebook in 
 - up to ``SMALL_BATCH`` rows (generation, batch 1 or a few): the matrix-vector kernel, each weight decoded in
   registers once per block of up to four rows of ``x``;
 - more (prefill, evaluation, training): row tiles of ``W`` decoded into a buffer of about ``TILE_BYTES`` (it stays
-  in cache) and multiplied by torch's GEMM, tile after tile; no layer is ever dense in memory as a whole.
+  in cache) and multiplied by torch's GEMM, tile after tile; no layer is ever dense in memory as a whole. A bf16
+  model's tiles are rounded to bf16 (as its decode-then-matmul path rounds the whole weight) and multiplied by the
+  bf16 GEMM, which on CPUs with bf16 instructions runs about twice as fast as the float32 one.
 
 Without the compiled library (``native.library()`` is None) the same two paths run on torch: the tiles are decoded
 by the codec's own decode (``reference_rows``), so the numbers are those of the decode-then-matmul path.
@@ -120,16 +122,23 @@ def decode_rows(ops: Operands, first: int, count: int, lib, out: torch.Tensor | 
 
 
 def tiled(x: torch.Tensor, ops: Operands, lib) -> torch.Tensor:
-    """``x W^T`` (``x``: n x cols float32) tile by tile: decode ``W``'s rows into a cache-sized buffer, GEMM, next."""
+    """``x W^T`` (``x``: n x cols, float32 or bfloat16; the result in its dtype) tile by tile: decode ``W``'s rows
+    into a cache-sized buffer (rounded to bf16 for a bf16 ``x``), GEMM, next."""
     tile_rows = max(8, min(ops.rows, TILE_BYTES // (4 * ops.cols)))
-    y_t = torch.empty(ops.rows, x.shape[0], dtype=torch.float32)  # y transposed: each tile's result is contiguous
+    if tile_rows < ops.rows and tile_rows >= 64:
+        tile_rows -= tile_rows % 64  # whole blocks for the GEMM: a few % faster than 227 or 85 rows, one layer timed
+    # Each tile's product is a column block of y, written in place (GEMM's leading dimension): row-major as
+    # F.linear gives it, with no transposed copy of the whole output after (that was a sixth of a prefill).
+    y = torch.empty(x.shape[0], ops.rows, dtype=x.dtype)
     buffer = torch.empty(tile_rows, ops.cols, dtype=torch.float32)
-    x_t = x.t()
+    rounded = None if x.dtype == torch.float32 else torch.empty(tile_rows, ops.cols, dtype=x.dtype)
     for first in range(0, ops.rows, tile_rows):
         count = min(tile_rows, ops.rows - first)
         tile = decode_rows(ops, first, count, lib, buffer[:count])
-        torch.mm(tile, x_t, out=y_t[first:first + count])
-    return y_t.t().contiguous()  # row-major, as F.linear gives it (and as the custom op's fake result says)
+        if rounded is not None:
+            tile = rounded[:count].copy_(tile)  # round to nearest even, as the dense weight's cast does
+        torch.mm(x, tile.t(), out=y[:, first:first + count])
+    return y
 
 
 def linear(x: torch.Tensor, ops: Operands) -> torch.Tensor:
@@ -148,7 +157,8 @@ def _linear(x: torch.Tensor, ops: Operands) -> torch.Tensor:
         if x.dtype in _DTYPE_CODES and x.is_contiguous():  # generation's case: no op but the product itself
             return small_batch(x, ops, lib)
         return small_batch(x.float().contiguous(), ops, lib).to(x.dtype)
-    y = tiled(x.reshape(-1, ops.cols).to(torch.float32).contiguous(), ops, lib)
+    work = x.dtype if x.dtype in _DTYPE_CODES else torch.float32  # float16 and others: through float32
+    y = tiled(x.reshape(-1, ops.cols).to(work).contiguous(), ops, lib)
     return y.to(x.dtype).reshape(*x.shape[:-1], ops.rows)
 
 

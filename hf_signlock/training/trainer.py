@@ -180,8 +180,10 @@ class SignLockTrainer(Trainer):
     def _task_loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
         """Whether the task loss is already normalised over the whole accumulated batch (as ``training_step``
         decides it), in which case nobody divides our extra term by the accumulation steps but us."""
-        if self.loss_is_scaled_for_ga is not None:
-            return self.loss_is_scaled_for_ga
+        # The override attribute came in transformers 5.18; before it, training_step decided by the rule below alone.
+        override = getattr(self, "loss_is_scaled_for_ga", None)
+        if override is not None:
+            return override
         return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
