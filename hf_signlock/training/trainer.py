@@ -180,7 +180,7 @@ class SignLockTrainer(Trainer):
     def _task_loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
         """Whether the task loss is already normalised over the whole accumulated batch (as ``training_step``
         decides it), in which case nobody divides our extra term by the accumulation steps but us."""
-        # The override attribute came in transformers 5.18; before it, training_step decided by the rule below alone.
+        # The override attribute is newer than transformers 5.17, whose training_step decides by the rule below alone.
         override = getattr(self, "loss_is_scaled_for_ga", None)
         if override is not None:
             return override
